@@ -1,0 +1,140 @@
+"""The ``paramcalc`` command: a thin click layer over the library.
+
+Commands parse arguments and render; all logic lives in ``paramcalc.counting``
+and friends. Bad input becomes a one-line error with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import ParamcalcError
+
+TASKS = ("base", "causal-lm", "masked-lm", "seq-cls", "seq2seq-lm", "token-cls")
+
+
+class InputError(click.ClickException):
+    exit_code = 2  # bad input, as documented: 0 ok, 1 --verify mismatch, 2 bad input
+
+
+class DefaultToCount(click.Group):
+    """``paramcalc MODEL ...`` is short for ``paramcalc count MODEL ...``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["count", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToCount, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="paramcalc")
+def main():
+    """Exact, explained parameter counts for transformer fine-tuning.
+
+    \b
+    Example:
+      paramcalc bert-base-uncased
+      paramcalc gpt2 --task causal-lm --json
+      paramcalc list
+    """
+
+
+@main.command("count")
+@click.argument("model")
+@click.option("--task", type=click.Choice(TASKS), default="base", show_default=True,
+              help="Which head: base is the bare backbone AutoModel builds.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value (repeatable), e.g. --set num_hidden_layers=6.")
+@click.option("--num-labels", type=int, default=None, help="Labels of a seq-cls/token-cls head (default 2).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema paramcalc/1).")
+@click.option("--latex", is_flag=True, help="Print a LaTeX (booktabs) table.")
+@click.option("--verify", is_flag=True,
+              help="Build the model on the meta device and match every parameter to a formula row.")
+def count_command(model, task, overrides, num_labels, as_json, latex, verify):
+    """Count the parameters of MODEL: a catalog name, a config.json, or a folder holding one.
+
+    \b
+    Example:
+      paramcalc bert-base-uncased --task seq-cls --num-labels 3 --verify
+    """
+    from . import configs
+    from .counting import count
+
+    try:
+        parsed = dict(configs.parse_override(item) for item in overrides)
+        result = count(model, task=task, overrides=parsed, num_labels=num_labels)
+        verification = None
+        if verify:
+            from .verify import verify as run_verify
+
+            verification = run_verify(result)
+    except ParamcalcError as exc:
+        raise InputError(str(exc)) from None
+
+    if as_json:
+        document = result.to_dict()
+        if verification is not None:
+            document["verify"] = {"ok": verification.ok, "meta_total": verification.meta_total,
+                                  "model_class": verification.model_class,
+                                  "mismatches": verification.mismatches()}
+        click.echo(result.to_json() if verification is None else __import__("json").dumps(document, indent=2))
+    elif latex:
+        click.echo(result.to_latex(), nl=False)
+    else:
+        from rich.console import Console
+
+        Console().print(result)
+    if verification is not None:
+        _report_verification(verification, quiet=as_json or latex)
+        if not verification.ok:
+            sys.exit(1)
+
+
+def _report_verification(verification, quiet: bool) -> None:
+    if quiet:  # keep stdout machine-readable; the exit status still tells
+        if not verification.ok:
+            click.echo("\n".join(verification.mismatches()), err=True)
+        return
+    for check in verification.checks:
+        mark = "✓" if check.ok else "✗"
+        click.echo(f"  {mark} {check.name}: {check.actual:,}" + ("" if check.ok else f" — {'; '.join(check.problems)}"))
+    if verification.ok:
+        click.echo(f"verified: all {verification.meta_total:,} parameters of {verification.model_class} "
+                   "(built on the meta device) match the formulas")
+    else:
+        click.echo("verification FAILED:\n  " + "\n  ".join(verification.mismatches()), err=True)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+def list_command(as_json):
+    """Show the offline catalog of real model configs.
+
+    \b
+    Example:
+      paramcalc list
+    """
+    from . import catalog
+    from .counting import count
+
+    rows = []
+    for entry in catalog.entries().values():
+        result = count(entry.name, formulas=False)
+        rows.append({"name": entry.name, "hub_id": entry.hub_id, "family": result.family,
+                     "params": result.total_params, "source": entry.source})
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="paramcalc catalog (base model, as AutoModel builds it)", title_justify="left")
+    for column in ("name", "hub id", "family", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for row in rows:
+        table.add_row(row["name"], row["hub_id"], row["family"], f"{row['params']:,}")
+    Console().print(table)

@@ -1,0 +1,164 @@
+"""``paramcalc.count``: the analytic parameter count of a model, with its formulas.
+
+This module and everything it imports on the analytic path are torch-free;
+the generic path (a model type with no family file) imports torch lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import configs, families
+from .errors import ParamcalcError
+from .families import Component
+
+SCHEMA = "paramcalc/1"
+
+
+@dataclass
+class CountResult:
+    """What paramcalc knows about one model: its components, totals and formulas."""
+
+    model: str
+    family: str  # the family file's name, or "generic"
+    task: str
+    hf_class: str
+    components: list[Component]
+    config: dict  # the normalised config the counts were computed from
+    config_source: str
+    symbols: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # symbol -> (key, value, doc)
+    closed_form: str | None = None
+    closed_form_latex: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def generic(self) -> bool:
+        return self.family == "generic"
+
+    @property
+    def total_params(self) -> int:
+        return sum(c.count for c in self.components)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(c.count for c in self.components if c.trainable)
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(f"{name!r}; components are: {', '.join(c.name for c in self.components)}")
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "family": self.family,
+            "task": self.task,
+            "class": self.hf_class,
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "closed_form": self.closed_form,
+            "symbols": {s: {"key": k, "value": v, "doc": d} for s, (k, v, d) in self.symbols.items()},
+            "components": [
+                {
+                    "name": c.name,
+                    "group": c.group,
+                    "formula": c.formula,
+                    "count": c.count,
+                    "trainable": c.trainable,
+                    "repeat": c.repeat_count,
+                    "parameters": c.param,
+                    **({"tied_to": c.tied_to} if c.tied_to else {}),
+                }
+                for c in self.components
+            ],
+            "notes": self.notes,
+            "config_source": self.config_source,
+        }
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_latex(self) -> str:
+        from .report import latex_table
+
+        return latex_table(self)
+
+    def __rich__(self):
+        from .report import rich_report
+
+        return rich_report(self)
+
+
+def count(
+    model,
+    task: str = "base",
+    overrides: dict | None = None,
+    num_labels: int | None = None,
+    formulas: bool = True,
+) -> CountResult:
+    """Count the parameters of ``model`` for ``task``.
+
+    ``model`` is a catalog name (``"bert-base-uncased"``), a path to a config.json or a
+    folder holding one, a config dict, or a ``transformers.PretrainedConfig``.
+    ``overrides`` are config values to change (the CLI's ``--set KEY=VALUE``).
+
+    >>> count("bert-base-uncased").total_params
+    109482240
+    """
+    resolved = configs.resolve(model)
+    overrides = dict(overrides or {})
+    if num_labels is not None:
+        overrides["num_labels"] = num_labels
+    family = families.family_for(resolved.config.get("model_type"))
+    if family is None:
+        return _generic(resolved, task, overrides, f"no formula file for model_type "
+                        f"{resolved.config.get('model_type')!r}; counted on the meta device, without formulas")
+    known = dict.fromkeys(family.symbols.values()) | family.defaults
+    config = configs.apply_overrides(resolved.config, overrides, known)
+    if task not in family.tasks:
+        raise ParamcalcError(
+            f"task {task!r} is not available for {family.title}; choose one of: {', '.join(family.tasks)}"
+        )
+    config = families.normalise_config(family, config)
+    unsupported = families.unsupported_settings(family, config)
+    if unsupported:
+        return _generic(resolved, task, overrides, f"the {family.title} formula file does not model "
+                        f"{', '.join(unsupported)}; counted on the meta device, without formulas")
+    components = families.bind(family, task, config)
+    values = families.symbol_values(family, config)
+    result = CountResult(
+        model=resolved.name, family=family.name, task=task, hf_class=family.tasks[task].hf_class,
+        components=components, config=config, config_source=resolved.source,
+        symbols={s: (k, values[s], family.symbol_docs[s]) for s, k in family.symbols.items()},
+        notes=_family_notes(family, resolved.config, config),
+    )
+    if formulas:
+        from .symbolic import attach_formulas
+
+        result.closed_form, result.closed_form_latex = attach_formulas(family, components)
+    return result
+
+
+def _family_notes(family, original: dict, config: dict) -> list[str]:
+    notes = []
+    if family.name == "t5" and original.get("tie_word_embeddings") is False:
+        notes.append(
+            "config.json says tie_word_embeddings=false (T5 v1.1 style), but transformers >= 5 always "
+            "ties T5's lm_head to the shared embedding, so the head adds no parameters here "
+            "(with transformers 4.x it added V*D)"
+        )
+    return notes
+
+
+def _generic(resolved, task, overrides, why) -> CountResult:
+    from .generic import count_generic
+
+    config = configs.apply_overrides(resolved.config, overrides, {})
+    result = count_generic(config, task)
+    result.model, result.config_source = resolved.name, resolved.source
+    result.notes.insert(0, why)
+    return result

@@ -1,0 +1,254 @@
+"""Load the declarative family files (``formulas/<family>.toml``) and bind a config to them.
+
+A family file is the single description of a model family: its config symbols,
+its tasks (which Hugging Face class, which parts), and every parameter-bearing
+module with its primitive kind, symbolic shape and parameter name. Binding a
+config yields a list of :class:`Component` rows; counts, formulas and the
+meta-device verification all start from those rows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import expr
+from .errors import ParamcalcError
+from .primitives import PRIMITIVES, Shape
+
+GROUPS = ("embedding", "attention", "ffn", "layernorm", "pooler", "head", "peft", "other")
+UNSET = "<unset>"  # in `when`: the key is missing from the config or null
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    hf_class: str
+    prefix: str  # where the backbone sits inside the task model, e.g. "bert."
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    name: str
+    group: str
+    kind: str
+    part: str
+    param: str  # module path; "{i}" stands for the layer index
+    shape: dict
+    repeat: str = "1"
+    when: dict = field(default_factory=dict)
+    unless: dict = field(default_factory=dict)
+    tied_to: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    model_types: tuple[str, ...]
+    reference: str
+    symbols: dict[str, str]  # symbol -> config key
+    symbol_docs: dict[str, str]
+    defaults: dict
+    derived_defaults: dict[str, str]  # key -> expression over other keys' symbols
+    key_aliases: dict[str, str]  # legacy key -> canonical key
+    divisible: tuple[tuple[str, str], ...]
+    unsupported: dict
+    tasks: dict[str, Task]
+    modules: tuple[ModuleSpec, ...]
+    digest: str  # hash of the file text; keys the formula cache
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.symbols.values()) | set(self.defaults)
+
+
+@dataclass
+class Component:
+    """One row of the report: a module (repeated ``repeat`` times) and its parameters."""
+
+    name: str
+    group: str
+    kind: str
+    repeat: str  # symbolic repeat, e.g. "L"
+    repeat_count: int
+    shapes: dict[str, Shape]  # parameter suffix -> symbolic shape
+    param: str  # full module path pattern in the task model
+    count: int
+    trainable: bool = True
+    tied_to: str | None = None
+    formula: str = ""
+    latex: str = ""
+
+    def numel_expression(self) -> str:
+        """The count as one arithmetic expression, e.g. ``L*((H)*(H) + (H))``."""
+        terms = [" * ".join(f"({d})" for d in shape) for shape in self.shapes.values()]
+        body = " + ".join(terms) if terms else "0"
+        return body if self.repeat == "1" else f"({self.repeat})*({body})"
+
+
+def _family_dir() -> Path:
+    installed = Path(__file__).with_name("family_files")
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "formulas"  # a source checkout
+
+
+@functools.cache
+def families() -> dict[str, Family]:
+    """All family files, by family name."""
+    found = {}
+    for path in sorted(_family_dir().glob("*.toml")):
+        family = _parse(path)
+        found[family.name] = family
+    return found
+
+
+def family_for(model_type: str | None) -> Family | None:
+    for family in families().values():
+        if model_type in family.model_types:
+            return family
+    return None
+
+
+def _parse(path: Path) -> Family:
+    text = path.read_bytes()
+    raw = tomllib.loads(text.decode())
+    symbols = {s: v["key"] for s, v in raw["symbols"].items()}
+    modules = []
+    for m in raw["modules"]:
+        if m["kind"] not in PRIMITIVES:
+            raise ValueError(f"{path.name}: unknown kind {m['kind']!r} (known: {', '.join(PRIMITIVES)})")
+        if m["group"] not in GROUPS:
+            raise ValueError(f"{path.name}: unknown group {m['group']!r}")
+        modules.append(
+            ModuleSpec(
+                name=m["name"], group=m["group"], kind=m["kind"], part=m["part"], param=m["param"],
+                shape=m.get("shape", {}), repeat=str(m.get("repeat", "1")), when=m.get("when", {}),
+                unless=m.get("unless", {}), tied_to=m.get("tied_to"),
+            )
+        )
+    tasks = {
+        name: Task(name, t["class"], t.get("prefix", ""), tuple(t["parts"])) for name, t in raw["tasks"].items()
+    }
+    return Family(
+        name=raw["family"], title=raw.get("title", raw["family"]), model_types=tuple(raw["model_types"]),
+        reference=raw.get("reference", ""), symbols=symbols,
+        symbol_docs={s: v.get("doc", "") for s, v in raw["symbols"].items()},
+        defaults=raw.get("defaults", {}), derived_defaults=raw.get("derived_defaults", {}),
+        key_aliases=raw.get("key_aliases", {}),
+        divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
+        unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules),
+        digest=hashlib.sha256(text).hexdigest()[:16],
+    )
+
+
+# ---- binding a config ----------------------------------------------------------------
+
+
+def normalise_config(family: Family, config: dict) -> dict:
+    """The config with legacy keys renamed, defaults filled in and sizes validated."""
+    config = dict(config)
+    for old, new in family.key_aliases.items():
+        if old in config and config.get(new) is None:
+            config[new] = config.pop(old)
+    for key, value in family.defaults.items():
+        if config.get(key) is None:
+            config[key] = value
+    if config.get("id2label") and "num_labels" not in config:
+        config["num_labels"] = len(config["id2label"])
+    values = symbol_values(family, config, fill_derived=False)
+    for key, expression in family.derived_defaults.items():
+        if config.get(key) is None:
+            config[key] = expr.evaluate(expression, values)
+    symbol_values(family, config)  # validates every symbol
+    for value_symbol, by_symbol in family.divisible:
+        values = symbol_values(family, config)
+        if values[value_symbol] % values[by_symbol]:
+            v_key, b_key = family.symbols[value_symbol], family.symbols[by_symbol]
+            raise ParamcalcError(
+                f"{v_key} ({values[value_symbol]}) must be divisible by {b_key} ({values[by_symbol]})"
+            )
+    return config
+
+
+def symbol_values(family: Family, config: dict, fill_derived: bool = True) -> dict[str, int]:
+    values = {}
+    for symbol, key in family.symbols.items():
+        value = config.get(key)
+        if value is None:
+            if not fill_derived and key in family.derived_defaults:
+                continue
+            raise ParamcalcError(f"config has no value for {key!r}, which the {family.title} formulas need")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamcalcError(f"{key} must be a positive integer, got {value!r}")
+        if value <= 0:
+            raise ParamcalcError(f"{key} must be a positive integer, got {value}")
+        values[symbol] = value
+    return values
+
+
+def unsupported_settings(family: Family, config: dict) -> list[str]:
+    """Config settings the family file does not model (the generic path must count those)."""
+    return [f"{k}={config[k]!r}" for k, v in family.unsupported.items() if _matches(config.get(k), v)]
+
+
+def _matches(actual, wanted) -> bool:
+    if isinstance(wanted, list):
+        return any(_matches(actual, w) for w in wanted)
+    if wanted == UNSET:
+        return actual is None
+    if isinstance(wanted, str) and isinstance(actual, str):
+        return fnmatch.fnmatchcase(actual, wanted)
+    return type(actual) is type(wanted) and actual == wanted
+
+
+def _active(spec: ModuleSpec, config: dict) -> bool:
+    if any(not _matches(config.get(k), v) for k, v in spec.when.items()):
+        return False
+    return not any(_matches(config.get(k), v) for k, v in spec.unless.items())
+
+
+def bind(family: Family, task_name: str, config: dict) -> list[Component]:
+    """The component rows of ``family``'s ``task`` model for a normalised ``config``."""
+    task = family.tasks[task_name]
+    values = symbol_values(family, config)
+    components = []
+    for spec in family.modules:
+        if spec.part not in task.parts or not _active(spec, config):
+            continue
+        shapes = PRIMITIVES[spec.kind](**spec.shape)
+        repeat_count = expr.evaluate(spec.repeat, values)
+        per_module = sum(_numel(shape, values) for shape in shapes.values())
+        prefix = "" if spec.group == "head" else task.prefix
+        components.append(
+            Component(
+                name=spec.name, group=spec.group, kind=spec.kind, repeat=spec.repeat,
+                repeat_count=repeat_count, shapes=shapes, param=prefix + spec.param,
+                count=repeat_count * per_module, tied_to=spec.tied_to,
+            )
+        )
+    return components
+
+
+def concrete_parameters(component: Component, values: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every parameter name the component owns in the real model, with its shape."""
+    indices = range(component.repeat_count) if "{i}" in component.param else [None]
+    names = {}
+    for i in indices:
+        module = component.param.replace("{i}", str(i)) if i is not None else component.param
+        for suffix, shape in component.shapes.items():
+            names[f"{module}.{suffix}"] = tuple(expr.evaluate(d, values) for d in shape)
+    return names
+
+
+def _numel(shape: Shape, values: dict[str, int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= expr.evaluate(dim, values)
+    return n

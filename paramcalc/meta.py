@@ -1,0 +1,50 @@
+"""Build real Hugging Face models on the meta device (shapes only, no memory, no download).
+
+The one place paramcalc imports transformers to construct models; the verifier
+and the generic counter both go through it.
+"""
+
+from __future__ import annotations
+
+from .errors import ParamcalcError
+
+AUTO_CLASSES = {
+    "base": "AutoModel",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "token-cls": "AutoModelForTokenClassification",
+}
+
+
+def hf_config(config: dict):
+    """A ``transformers`` config object from a plain config dict."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # token-id range warnings are noise for counting
+    values = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    if "id2label" in values and "num_labels" in values and len(values["id2label"]) != values["num_labels"]:
+        values.pop("id2label")  # --num-labels wins over the labels a checkpoint was saved with
+        values.pop("label2id", None)
+    try:
+        return transformers.AutoConfig.for_model(config["model_type"], **values)
+    except Exception as exc:  # transformers raises ValueError, TypeError, StrictDataclass errors...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ParamcalcError(f"transformers rejects this config: {first_line}") from None
+
+
+def build_meta_model(config: dict, class_name: str | None = None, task: str = "base"):
+    """Instantiate the model on the meta device: every parameter has its real shape, no storage."""
+    import torch
+    import transformers
+
+    hf = hf_config(config)
+    try:
+        with torch.device("meta"):
+            if class_name:
+                return getattr(transformers, class_name)(hf)
+            return getattr(transformers, AUTO_CLASSES[task]).from_config(hf)
+    except ValueError as exc:  # e.g. an Auto class that has no mapping for this model type
+        first_line = str(exc).strip().splitlines()[0]
+        raise ParamcalcError(f"transformers cannot build this model for task {task!r}: {first_line}") from None

@@ -1,0 +1,89 @@
+"""Render a CountResult: a rich table for people, a LaTeX table for teaching.
+
+Calculation lives in ``counting``; this module only formats what it is given.
+"""
+
+from __future__ import annotations
+
+from .counting import CountResult
+
+
+def _share(count: int, total: int) -> str:
+    return f"{100 * count / total:.2f} %" if total else "-"
+
+
+def rich_report(result: CountResult):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    title = f"{result.model} · {result.hf_class} ({result.family}, task {result.task})"
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("component")
+    table.add_column("group", style="dim")
+    table.add_column("formula", style="cyan")
+    table.add_column("count", justify="right")
+    table.add_column("share", justify="right", style="dim")
+    for c in result.components:
+        formula = c.formula or ("—" if result.generic else "")
+        if c.tied_to:
+            formula = f"0 (shares {c.tied_to})"
+        trainable = "" if c.trainable else " [dim](frozen)[/dim]"
+        table.add_row(c.name + trainable, c.group, formula, f"{c.count:,}", _share(c.count, result.total_params))
+    total, trainable = result.total_params, result.trainable_params
+    lines = [table]
+    lines.append(Text.from_markup(
+        f"[bold]total[/bold] {total:,}   [bold]trainable[/bold] {trainable:,} ({_share(trainable, total)})"
+    ))
+    if result.closed_form:
+        lines.append(Text.from_markup(f"[bold]closed form[/bold] [cyan]{result.closed_form}[/cyan]"))
+    if result.symbols:
+        where = ", ".join(f"{s}={k}={v:,}" for s, (k, v, _doc) in result.symbols.items())
+        lines.append(Text(f"where {where}", style="dim"))
+    for note in result.notes:
+        lines.append(Text(f"note: {note}", style="yellow"))
+    return Group(*lines)
+
+
+def _latex_escape(text: str) -> str:
+    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                       ("{", r"\{"), ("}", r"\}")):
+        text = text.replace(char, repl)
+    return text
+
+
+def _latex_int(n: int) -> str:
+    return f"{n:,}".replace(",", "{,}")  # thousands separators without LaTeX's math-mode comma spacing
+
+
+def latex_table(result: CountResult) -> str:
+    """A booktabs table a student can paste into a document."""
+    rows = []
+    for c in result.components:
+        formula = f"${c.latex}$" if c.latex else "--"
+        if c.tied_to:
+            formula = f"0 (tied to {_latex_escape(c.tied_to)})"
+        rows.append(f"  {_latex_escape(c.name)} & {formula} & {_latex_int(c.count)} \\\\")
+    total_formula = f"${result.closed_form_latex}$" if result.closed_form_latex else ""
+    symbols = ", ".join(
+        f"${s}$ = \\texttt{{{_latex_escape(k)}}} = {_latex_int(v)}" for s, (k, v, _d) in result.symbols.items()
+    )
+    caption = _latex_escape(f"Parameters of {result.model} ({result.hf_class})") + (f"; {symbols}" if symbols else "")
+    lines = [
+        r"% requires \usepackage{booktabs}",
+        r"\begin{table}[ht]",
+        r"\centering",
+        r"\begin{tabular}{llr}",
+        r"\toprule",
+        r"Component & Formula & Parameters \\",
+        r"\midrule",
+        *rows,
+        r"\midrule",
+        f"  Total & {total_formula} & {_latex_int(result.total_params)} \\\\",
+        f"  Trainable & & {_latex_int(result.trainable_params)} \\\\",
+        r"\bottomrule",
+        r"\end{tabular}",
+        f"\\caption{{{caption}}}",
+        r"\end{table}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,95 @@
+"""``--verify``: match every parameter of the real model to exactly one formula row.
+
+The model is built from the same config on the meta device (real shapes, no
+memory). Each row's expected parameter names and shapes come from the family
+file; every parameter the model has must be claimed by exactly one row, with
+the same shape. Tied rows must really share their tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .counting import CountResult
+from .families import concrete_parameters
+from .meta import build_meta_model
+
+
+@dataclass
+class ComponentCheck:
+    name: str
+    expected: int
+    actual: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.expected == self.actual
+
+
+@dataclass
+class Verification:
+    model_class: str
+    meta_total: int  # sum of numel over model.parameters(), as torch counts it
+    checks: list[ComponentCheck]
+    unclaimed: list[str]  # parameters of the real model that no row accounts for
+
+    @property
+    def ok(self) -> bool:
+        return not self.unclaimed and all(c.ok for c in self.checks)
+
+    def mismatches(self) -> list[str]:
+        lines = [f"{c.name}: formula {c.expected:,} vs model {c.actual:,}; " + "; ".join(c.problems)
+                 for c in self.checks if not c.ok]
+        if self.unclaimed:
+            lines.append("parameters no formula row accounts for: " + ", ".join(self.unclaimed))
+        return lines
+
+
+def verify(result: CountResult, model=None) -> Verification:
+    """Check ``result`` against the real model (built on the meta device unless given)."""
+    if model is None:
+        model = build_meta_model(result.config, class_name=result.hf_class, task=result.task)
+    actual = {name: p for name, p in model.named_parameters()}
+    aliases = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    meta_total = sum(p.numel() for p in model.parameters())
+    if result.generic:  # counted from the model itself: nothing independent to compare
+        checks = [ComponentCheck(c.name, c.count, c.count) for c in result.components]
+        return Verification(type(model).__name__, meta_total, checks, [])
+
+    values = {s: v for s, (_k, v, _d) in result.symbols.items()}
+    by_name = {c.name: c for c in result.components}
+    claimed: set[str] = set()
+    checks = []
+    for component in result.components:
+        check = ComponentCheck(component.name, component.count, 0)
+        if component.tied_to:
+            _check_tied(component, by_name, values, aliases, check)
+        for name, shape in concrete_parameters(component, values).items():
+            parameter = actual.get(name)
+            if parameter is None:
+                check.problems.append(f"model has no parameter {name}")
+                continue
+            if name in claimed:
+                check.problems.append(f"{name} is claimed by two rows")
+            claimed.add(name)
+            check.actual += parameter.numel()
+            if tuple(parameter.shape) != shape:
+                check.problems.append(f"{name} has shape {tuple(parameter.shape)}, formula says {shape}")
+        checks.append(check)
+    unclaimed = [name for name in actual if name not in claimed]
+    return Verification(type(model).__name__, meta_total, checks, unclaimed)
+
+
+def _check_tied(component, by_name, values, aliases, check) -> None:
+    target = by_name.get(component.tied_to)
+    if target is None:
+        check.problems.append(f"tied to {component.tied_to!r}, which this model does not have")
+        return
+    own = aliases.get(f"{component.param}.weight")
+    shared = next(iter(concrete_parameters(target, values)))
+    if own is None:
+        check.problems.append(f"model has no parameter {component.param}.weight")
+    elif own is not aliases.get(shared):
+        check.problems.append(f"{component.param}.weight is not tied to {shared}: it adds {own.numel():,}")
+        check.actual += own.numel()

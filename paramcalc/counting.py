@@ -133,8 +133,8 @@ def count(
     result = CountResult(
         model=resolved.name, family=family.name, task=task, hf_class=family.tasks[task].hf_class,
         components=components, config=config, config_source=resolved.source,
-        symbols={s: (k, values[s], family.symbol_docs[s]) for s, k in family.symbols.items()},
-        notes=_family_notes(family, resolved.config, config),
+        symbols={s: (k, values[s], family.symbol_docs[s]) for s, k in family.symbols.items() if s in values},
+        notes=_family_notes(family, resolved.config, values),
     )
     if formulas:
         from .symbolic import attach_formulas
@@ -143,13 +143,14 @@ def count(
     return result
 
 
-def _family_notes(family, original: dict, config: dict) -> list[str]:
+def _family_notes(family, original: dict, values: dict[str, int]) -> list[str]:
     notes = []
     if family.name == "t5" and original.get("tie_word_embeddings") is False:
+        head = values["V"] * values["D"]
         notes.append(
-            "config.json says tie_word_embeddings=false (T5 v1.1 style), but transformers >= 5 always "
-            "ties T5's lm_head to the shared embedding, so the head adds no parameters here "
-            "(with transformers 4.x it added V*D)"
+            "config.json says tie_word_embeddings=false (T5 v1.1), but transformers >= 5 always ties T5's "
+            f"lm_head to the shared embedding; the released checkpoint stores its own head of V*D = {head:,} "
+            "parameters, which transformers 4.x counted (add it for seq2seq-lm to compare with such figures)"
         )
     return notes
 

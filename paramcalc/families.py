@@ -53,6 +53,7 @@ class Family:
     model_types: tuple[str, ...]
     reference: str
     symbols: dict[str, str]  # symbol -> config key
+    optional: frozenset[str]  # symbols whose key may be null (modules then use `when`)
     symbol_docs: dict[str, str]
     defaults: dict
     derived_defaults: dict[str, str]  # key -> expression over other keys' symbols
@@ -119,6 +120,10 @@ def family_for(model_type: str | None) -> Family | None:
 def _parse(path: Path) -> Family:
     text = path.read_bytes()
     raw = tomllib.loads(text.decode())
+    if "extends" in raw:  # e.g. RoBERTa reuses BERT's encoder and swaps its heads
+        parent_text = path.with_name(f"{raw['extends']}.toml").read_bytes()
+        text += parent_text
+        raw = _inherit(tomllib.loads(parent_text.decode()), raw)
     symbols = {s: v["key"] for s, v in raw["symbols"].items()}
     modules = []
     for m in raw["modules"]:
@@ -140,12 +145,23 @@ def _parse(path: Path) -> Family:
         name=raw["family"], title=raw.get("title", raw["family"]), model_types=tuple(raw["model_types"]),
         reference=raw.get("reference", ""), symbols=symbols,
         symbol_docs={s: v.get("doc", "") for s, v in raw["symbols"].items()},
+        optional=frozenset(s for s, v in raw["symbols"].items() if v.get("optional")),
         defaults=raw.get("defaults", {}), derived_defaults=raw.get("derived_defaults", {}),
         key_aliases=raw.get("key_aliases", {}),
         divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
         unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
+
+
+def _inherit(parent: dict, child: dict) -> dict:
+    """Child keys win; modules of the parts the child drops are replaced by the child's."""
+    merged = {**parent, **child}
+    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported"):
+        merged[table] = {**parent.get(table, {}), **child.get(table, {})}
+    dropped = set(child.get("drop_parts", []))
+    merged["modules"] = [m for m in parent["modules"] if m["part"] not in dropped] + child.get("modules", [])
+    return merged
 
 
 # ---- binding a config ----------------------------------------------------------------
@@ -182,7 +198,7 @@ def symbol_values(family: Family, config: dict, fill_derived: bool = True) -> di
     for symbol, key in family.symbols.items():
         value = config.get(key)
         if value is None:
-            if not fill_derived and key in family.derived_defaults:
+            if symbol in family.optional or (not fill_derived and key in family.derived_defaults):
                 continue
             raise ParamcalcError(f"config has no value for {key!r}, which the {family.title} formulas need")
         if isinstance(value, bool) or not isinstance(value, int):

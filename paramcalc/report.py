@@ -8,6 +8,14 @@ from __future__ import annotations
 from .counting import CountResult
 
 
+def used_symbols(result: CountResult) -> set[str]:
+    """The symbols the shown formulas actually use (a model's head count, say, sizes no parameter)."""
+    from .expr import names
+
+    return {n for c in result.components for e in (c.repeat, *(d for s in c.shapes.values() for d in s))
+            for n in names(e)} if not result.generic else set()
+
+
 def _share(count: int, total: int) -> str:
     return f"{100 * count / total:.2f} %" if total else "-"
 
@@ -27,7 +35,7 @@ def rich_report(result: CountResult):
     for c in result.components:
         formula = c.formula or ("—" if result.generic else "")
         if c.tied_to:
-            formula = f"0 (shares {c.tied_to})"
+            formula = "0 (tied)"
         trainable = "" if c.trainable else " [dim](frozen)[/dim]"
         table.add_row(c.name + trainable, c.group, formula, f"{c.count:,}", _share(c.count, result.total_params))
     total, trainable = result.total_params, result.trainable_params
@@ -37,8 +45,9 @@ def rich_report(result: CountResult):
     ))
     if result.closed_form:
         lines.append(Text.from_markup(f"[bold]closed form[/bold] [cyan]{result.closed_form}[/cyan]"))
-    if result.symbols:
-        where = ", ".join(f"{s}={k}={v:,}" for s, (k, v, _doc) in result.symbols.items())
+    used = used_symbols(result)
+    if used:
+        where = ", ".join(f"{s}={k}={v:,}" for s, (k, v, _doc) in result.symbols.items() if s in used)
         lines.append(Text(f"where {where}", style="dim"))
     for note in result.notes:
         lines.append(Text(f"note: {note}", style="yellow"))
@@ -50,6 +59,11 @@ def _latex_escape(text: str) -> str:
                        ("{", r"\{"), ("}", r"\}")):
         text = text.replace(char, repl)
     return text
+
+
+def _latex_symbol(symbol: str) -> str:
+    stem, _, sub = symbol.partition("_")
+    return f"{stem}_{{{sub}}}" if sub else stem
 
 
 def _latex_int(n: int) -> str:
@@ -66,7 +80,8 @@ def latex_table(result: CountResult) -> str:
         rows.append(f"  {_latex_escape(c.name)} & {formula} & {_latex_int(c.count)} \\\\")
     total_formula = f"${result.closed_form_latex}$" if result.closed_form_latex else ""
     symbols = ", ".join(
-        f"${s}$ = \\texttt{{{_latex_escape(k)}}} = {_latex_int(v)}" for s, (k, v, _d) in result.symbols.items()
+        f"${_latex_symbol(s)}$ = \\texttt{{{_latex_escape(k)}}} = {_latex_int(v)}"
+        for s, (k, v, _d) in result.symbols.items() if s in used_symbols(result)
     )
     caption = _latex_escape(f"Parameters of {result.model} ({result.hf_class})") + (f"; {symbols}" if symbols else "")
     lines = [

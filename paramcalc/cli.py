@@ -100,7 +100,10 @@ def _report_verification(verification, quiet: bool) -> None:
     for check in verification.checks:
         mark = "✓" if check.ok else "✗"
         click.echo(f"  {mark} {check.name}: {check.actual:,}" + ("" if check.ok else f" — {'; '.join(check.problems)}"))
-    if verification.ok:
+    if verification.ok and verification.generic:
+        click.echo(f"counted directly from {verification.model_class} on the meta device "
+                   f"({verification.meta_total:,} parameters); there are no formulas to check")
+    elif verification.ok:
         click.echo(f"verified: all {verification.meta_total:,} parameters of {verification.model_class} "
                    "(built on the meta device) match the formulas")
     else:

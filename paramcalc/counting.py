@@ -115,19 +115,20 @@ def count(
         overrides["num_labels"] = num_labels
     family = families.family_for(resolved.config.get("model_type"))
     if family is None:
-        return _generic(resolved, task, overrides, f"no formula file for model_type "
+        config = configs.apply_overrides(resolved.config, overrides, {})
+        return _generic(resolved, config, task, f"no formula file for model_type "
                         f"{resolved.config.get('model_type')!r}; counted on the meta device, without formulas")
-    known = dict.fromkeys(family.symbols.values()) | family.defaults
+    known = dict.fromkeys(family.symbols.values()) | family.defaults | dict.fromkeys(family.unsupported, False)
     config = configs.apply_overrides(resolved.config, overrides, known)
     if task not in family.tasks:
         raise ParamcalcError(
             f"task {task!r} is not available for {family.title}; choose one of: {', '.join(family.tasks)}"
         )
-    config = families.normalise_config(family, config)
     unsupported = families.unsupported_settings(family, config)
     if unsupported:
-        return _generic(resolved, task, overrides, f"the {family.title} formula file does not model "
+        return _generic(resolved, config, task, f"the {family.title} formula file does not model "
                         f"{', '.join(unsupported)}; counted on the meta device, without formulas")
+    config = families.normalise_config(family, config)
     components = families.bind(family, task, config)
     values = families.symbol_values(family, config)
     result = CountResult(
@@ -155,10 +156,9 @@ def _family_notes(family, original: dict, values: dict[str, int]) -> list[str]:
     return notes
 
 
-def _generic(resolved, task, overrides, why) -> CountResult:
+def _generic(resolved, config, task, why) -> CountResult:
     from .generic import count_generic
 
-    config = configs.apply_overrides(resolved.config, overrides, {})
     result = count_generic(config, task)
     result.model, result.config_source = resolved.name, resolved.source
     result.notes.insert(0, why)

@@ -23,6 +23,15 @@ def hf_config(config: dict):
     import transformers
 
     transformers.logging.set_verbosity_error()  # token-id range warnings are noise for counting
+    model_type = config.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(transformers.CONFIG_MAPPING), n=3)
+        raise ParamcalcError(
+            f"unknown model_type {model_type!r}: transformers has no such model"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
     values = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
     if "id2label" in values and "num_labels" in values and len(values["id2label"]) != values["num_labels"]:
         values.pop("id2label")  # --num-labels wins over the labels a checkpoint was saved with
@@ -31,6 +40,7 @@ def hf_config(config: dict):
         return transformers.AutoConfig.for_model(config["model_type"], **values)
     except Exception as exc:  # transformers raises ValueError, TypeError, StrictDataclass errors...
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = first_line if len(first_line) < 300 else first_line[:297] + "..."
         raise ParamcalcError(f"transformers rejects this config: {first_line}") from None
 
 

@@ -33,6 +33,7 @@ class Verification:
     meta_total: int  # sum of numel over model.parameters(), as torch counts it
     checks: list[ComponentCheck]
     unclaimed: list[str]  # parameters of the real model that no row accounts for
+    generic: bool = False  # counted from the model itself, so nothing independent was compared
 
     @property
     def ok(self) -> bool:
@@ -55,7 +56,7 @@ def verify(result: CountResult, model=None) -> Verification:
     meta_total = sum(p.numel() for p in model.parameters())
     if result.generic:  # counted from the model itself: nothing independent to compare
         checks = [ComponentCheck(c.name, c.count, c.count) for c in result.components]
-        return Verification(type(model).__name__, meta_total, checks, [])
+        return Verification(type(model).__name__, meta_total, checks, [], generic=True)
 
     values = {s: v for s, (_k, v, _d) in result.symbols.items()}
     by_name = {c.name: c for c in result.components}

@@ -1,0 +1,162 @@
+"""The CLI end to end, in-process (click's CliRunner): reports, JSON, LaTeX, --verify, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def test_table_shows_components_formulas_and_totals(cli):
+    result = cli("bert-base-uncased")
+    assert result.exit_code == 0
+    out = result.stdout
+    for text in ("word embeddings", "attention query", "FFN in", "pooler", "H*V", "L*(H**2 + H)",
+                 "109,482,240", "closed form"):
+        assert text in out, text
+
+
+def test_json_schema_and_components_sum_to_total(cli):
+    result = cli("google-bert/bert-base-uncased", "--task", "seq-cls", "--num-labels", "3", "--json")
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "paramcalc/1"
+    assert doc["model"] == "bert-base-uncased" and doc["family"] == "bert" and doc["task"] == "seq-cls"
+    assert sum(c["count"] for c in doc["components"]) == doc["total_params"]
+    # 109,482,240 + classifier 768 * 3 + 3
+    assert doc["total_params"] == 109_482_240 + 768 * 3 + 3 == doc["trainable_params"]
+    groups = {c["group"] for c in doc["components"]}
+    assert groups <= {"embedding", "attention", "ffn", "layernorm", "pooler", "head", "peft", "other"}
+    assert {"name", "group", "formula", "count", "trainable"} <= set(doc["components"][0])
+
+
+def test_latex_table(cli):
+    result = cli("gpt2", "--latex")
+    assert result.exit_code == 0
+    assert r"\begin{tabular}" in result.stdout and r"\bottomrule" in result.stdout
+    assert "124{,}439{,}808" in result.stdout  # GPT2Model
+
+
+def test_verify_passes_with_a_check_per_component(cli):
+    result = cli("t5-small", "--task", "seq2seq-lm", "--verify")
+    assert result.exit_code == 0
+    assert "✓ shared embeddings" in result.stdout
+    assert "verified: all 60,506,624 parameters of T5ForConditionalGeneration" in result.stdout
+
+
+def test_verify_mismatch_exits_1_and_names_the_parameter(cli, monkeypatch):
+    import torch
+
+    import paramcalc.verify
+    from paramcalc.meta import build_meta_model
+
+    def with_an_extra_parameter(*args, **kwargs):
+        model = build_meta_model(*args, **kwargs)
+        model.register_parameter("surprise", torch.nn.Parameter(torch.empty(3, device="meta")))
+        return model
+
+    monkeypatch.setattr(paramcalc.verify, "build_meta_model", with_an_extra_parameter)
+    result = cli("bert-base-uncased", "--verify")
+    assert result.exit_code == 1
+    assert "surprise" in result.stderr
+
+
+def test_set_overrides_change_the_count(cli):
+    result = cli("bert-base-uncased", "--set", "num_hidden_layers=6", "--json")
+    doc = json.loads(result.stdout)
+    assert doc["total_params"] == 109_482_240 - 6 * 7_087_872
+
+
+def test_config_file_and_directory(cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    by_dir = json.loads(cli(str(tmp_path), "--json").stdout)
+    by_file = json.loads(cli(str(tmp_path / "config.json"), "--json").stdout)
+    assert by_dir["total_params"] == by_file["total_params"]
+    # GPT2Config defaults elsewhere: V*H + P*H + 2*H + 2 layers * (12*H**2 + 13*H), H = 768
+    assert by_dir["total_params"] == 50257 * 768 + 1024 * 768 + 2 * 768 + 2 * (12 * 768**2 + 13 * 768)
+
+
+def test_generic_path_for_a_model_type_without_a_family_file(cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "distilbert", "n_layers": 2}))
+    result = cli(str(tmp_path), "--json")
+    doc = json.loads(result.stdout)
+    assert doc["family"] == "generic"
+    assert "no formula file" in doc["notes"][0]
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.DistilBertModel(transformers.DistilBertConfig(n_layers=2))
+    assert doc["total_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_unmodelled_setting_falls_back_to_the_meta_device(cli):
+    result = cli("gpt2", "--set", "add_cross_attention=true", "--json")
+    doc = json.loads(result.stdout)
+    assert doc["family"] == "generic" and "add_cross_attention" in doc["notes"][0]
+    assert doc["total_params"] > 124_439_808  # the cross-attention layers are counted, not ignored
+
+
+def test_list_shows_the_catalog(cli):
+    result = cli("list")
+    assert result.exit_code == 0
+    for name in ("bert-base-uncased", "t5-v1_1-small", "bloom-7b1", "google-bert/bert-base-uncased"):
+        assert name in result.stdout
+
+
+def test_every_command_is_documented_with_an_example(cli):
+    from paramcalc.cli import main
+
+    for name in main.commands:
+        help_text = cli(name, "--help").stdout
+        assert "Example:" in help_text, name
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in set(main.commands) - {"count"}:
+        assert f"paramcalc {name}" in readme, name
+
+
+BAD_INPUTS = [
+    (["bert-base-uncassed"], "did you mean bert-base-uncased"),
+    (["bigscience/bloom-560"], "did you mean bloom-560m"),
+    (["{tmp}/empty"], "holds no config.json"),
+    (["{tmp}/invalid.json"], "is not valid JSON"),
+    (["{tmp}/binary.json"], "cannot read"),
+    (["{tmp}/list.json"], "must hold a JSON object"),
+    (["{tmp}/no_type.json"], "has no 'model_type'"),
+    (["{tmp}/unknown_type.json"], "unknown model_type 'foo'"),
+    (["{tmp}/heads.json"], "hidden_size (770) must be divisible by num_attention_heads (12)"),
+    (["gpt2", "--set", "n_layers=3"], "no such config key; did you mean n_layer"),
+    (["gpt2", "--set", "n_layer=abc"], "expected an integer"),
+    (["gpt2", "--set", "n_layer=2.5"], "expected an integer"),
+    (["gpt2", "--set", "tie_word_embeddings=1"], "expected true or false"),
+    (["gpt2", "--set", "n_layer=-1"], "n_layer must be a positive integer, got -1"),
+    (["gpt2", "--set", "n_embd=0"], "n_embd must be a positive integer, got 0"),
+    (["gpt2", "--set", "n_inner=abc"], "n_inner must be a positive integer"),
+    (["gpt2", "--set", "n_head=7"], "n_embd (768) must be divisible by n_head (7)"),
+    (["gpt2", "--set", "n_layer"], "expects KEY=VALUE"),
+    (["t5-small", "--task", "causal-lm"], "choose one of: base, seq2seq-lm, seq-cls, token-cls"),
+    (["bert-base-uncased", "--task", "seq-cls", "--num-labels", "0"], "num_labels must be a positive integer"),
+    (["bert-base-uncased", "--task", "nope"], "is not one of"),
+]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "invalid.json").write_text("{not json")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00\x81")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "no_type.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "unknown_type.json").write_text('{"model_type": "foo"}')
+    (tmp_path / "heads.json").write_text('{"model_type": "bert", "hidden_size": 770}')
+    return tmp_path
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(cli, bad_files, args, message):
+    result = cli(*[a.format(tmp=bad_files) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1
+    assert result.stdout == ""  # nothing half-written

@@ -173,11 +173,12 @@ def normalise_config(family: Family, config: dict) -> dict:
     for old, new in family.key_aliases.items():
         if old in config and config.get(new) is None:
             config[new] = config.pop(old)
+    # a saved config records its labels as id2label, as transformers does
+    if config.get("id2label") and "num_labels" not in config:
+        config["num_labels"] = len(config["id2label"])
     for key, value in family.defaults.items():
         if config.get(key) is None:
             config[key] = value
-    if config.get("id2label") and "num_labels" not in config:
-        config["num_labels"] = len(config["id2label"])
     values = symbol_values(family, config, fill_derived=False)
     for key, expression in family.derived_defaults.items():
         if config.get(key) is None:

@@ -38,3 +38,14 @@ def test_catalog_published_counts(entry):
 def test_at_least_the_bloom_model_card_figures_are_pinned():
     published = {e.name for e in catalog.entries().values() if e.published_params}
     assert {"bloom-560m", "bloom-7b1"} <= published
+
+
+def test_api_accepts_transformers_configs_and_their_defaults_are_the_base_models():
+    # transformers' default BertConfig/GPT2Config/T5Config are bert-base-uncased, gpt2 and t5-small
+    import transformers
+
+    for config, name in ((transformers.BertConfig(), "bert-base-uncased"), (transformers.GPT2Config(), "gpt2"),
+                         (transformers.T5Config(), "t5-small")):
+        assert paramcalc.count(config).total_params == paramcalc.count(name).total_params
+    labelled = transformers.BertConfig(num_labels=5)
+    assert paramcalc.count(labelled, task="seq-cls").component("classifier").count == 768 * 5 + 5

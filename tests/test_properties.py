@@ -78,34 +78,25 @@ def check(config, task, num_labels):
 labels = st.integers(1, 5)
 
 
+STRATEGIES = {
+    "bert": bert_like("bert"),
+    "roberta": bert_like("roberta"),
+    "gpt2": gpt2_configs(),
+    "bloom": bloom_configs(),
+    "t5": t5_configs(),
+}
+
+
+def test_every_family_has_a_strategy():
+    assert set(STRATEGIES) == set(families.families())
+
+
+@pytest.mark.parametrize("family", sorted(STRATEGIES))
 @SETTINGS
-@given(bert_like("bert"), _tasks("bert"), labels)
-def test_bert(config, task, num_labels):
-    check(config, task, num_labels)
-
-
-@SETTINGS
-@given(bert_like("roberta"), _tasks("roberta"), labels)
-def test_roberta(config, task, num_labels):
-    check(config, task, num_labels)
-
-
-@SETTINGS
-@given(gpt2_configs(), _tasks("gpt2"), labels)
-def test_gpt2(config, task, num_labels):
-    check(config, task, num_labels)
-
-
-@SETTINGS
-@given(bloom_configs(), _tasks("bloom"), labels)
-def test_bloom(config, task, num_labels):
-    check(config, task, num_labels)
-
-
-@SETTINGS
-@given(t5_configs(), _tasks("t5"), labels)
-def test_t5(config, task, num_labels):
-    check(config, task, num_labels)
+@given(data=st.data())
+def test_random_configs_match_the_meta_device(family, data):
+    config = data.draw(STRATEGIES[family], label="config")
+    check(config, data.draw(_tasks(family), label="task"), data.draw(labels, label="num_labels"))
 
 
 @pytest.mark.parametrize("family", sorted(families.families()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,12 @@ class ResolvedConfig:
     name: str  # what the report calls the model
     config: dict
     source: str  # where the values came from
+
+
+def is_factory_spec(model) -> bool:
+    """``package.module:factory`` (a custom nn.Module), as opposed to a name or a path."""
+    return (isinstance(model, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", model) is not None
+            and not Path(model).exists())
 
 
 def resolve(model) -> ResolvedConfig:

@@ -103,12 +103,19 @@ def count(
     """Count the parameters of ``model`` for ``task``.
 
     ``model`` is a catalog name (``"bert-base-uncased"``), a path to a config.json or a
-    folder holding one, a config dict, or a ``transformers.PretrainedConfig``.
+    folder holding one, a config dict, a ``transformers.PretrainedConfig``, or
+    ``"package.module:factory"`` naming a function that returns a custom ``nn.Module``.
     ``overrides`` are config values to change (the CLI's ``--set KEY=VALUE``).
 
     >>> count("bert-base-uncased").total_params
     109482240
     """
+    if configs.is_factory_spec(model):
+        from .generic import count_factory
+
+        if overrides or num_labels is not None or task != "base":
+            raise ParamcalcError(f"--set, --task and --num-labels do not apply to a custom module ({model})")
+        return count_factory(model)
     resolved = configs.resolve(model)
     overrides = dict(overrides or {})
     if num_labels is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from .counting import CountResult
+from .errors import ParamcalcError
 from .families import Component
 from .meta import AUTO_CLASSES, build_meta_model
 
@@ -31,10 +32,42 @@ def guess_group(path: str) -> str:
 
 def count_generic(config: dict, task: str) -> CountResult:
     if task not in AUTO_CLASSES:
-        from .errors import ParamcalcError
-
         raise ParamcalcError(f"unknown task {task!r}; choose one of: {', '.join(AUTO_CLASSES)}")
     model = build_meta_model(config, task=task)
+    return CountResult(
+        model="", family="generic", task=task, hf_class=type(model).__name__, components=rows_of(model),
+        config=config, config_source="",
+    )
+
+
+def count_factory(spec: str) -> CountResult:
+    """Count a custom ``nn.Module`` returned by ``package.module:factory()`` (built on the meta device)."""
+    model = build_factory_model(spec)
+    return CountResult(
+        model=spec, family="generic", task="base", hf_class=type(model).__name__, components=rows_of(model),
+        config={}, config_source=spec, notes=["a custom module, counted on the meta device, without formulas"],
+    )
+
+
+def build_factory_model(spec: str):
+    import importlib
+
+    import torch
+
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise ParamcalcError(f"cannot import {spec!r}: {exc}") from None
+    with torch.device("meta"):
+        model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ParamcalcError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def rows_of(model) -> list[Component]:
+    """One row per module path, layer indices folded, in the model's own order."""
     rows: dict[str, Component] = {}
     for name, parameter in model.named_parameters():
         module, _, suffix = name.rpartition(".")
@@ -51,7 +84,4 @@ def count_generic(config: dict, task: str) -> CountResult:
             row.repeat_count += 1
         row.count += parameter.numel()
         row.trainable = row.trainable and parameter.requires_grad
-    return CountResult(
-        model="", family="generic", task=task, hf_class=type(model).__name__, components=list(rows.values()),
-        config=config, config_source="",
-    )
+    return list(rows.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .configs import is_factory_spec
 from .counting import CountResult
 from .families import concrete_parameters
 from .meta import build_meta_model
@@ -49,6 +50,10 @@ class Verification:
 
 def verify(result: CountResult, model=None) -> Verification:
     """Check ``result`` against the real model (built on the meta device unless given)."""
+    if model is None and result.generic and is_factory_spec(result.config_source):
+        from .generic import build_factory_model
+
+        model = build_factory_model(result.config_source)
     if model is None:
         model = build_meta_model(result.config, class_name=result.hf_class, task=result.task)
     actual = {name: p for name, p in model.named_parameters()}

@@ -160,3 +160,18 @@ def test_bad_input_is_one_line_exit_2(cli, bad_files, args, message):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(error_lines) == 1
     assert result.stdout == ""  # nothing half-written
+
+
+def test_custom_module_factory(cli, tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def tiny():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = json.loads(cli("my_models:tiny", "--json").stdout)
+    assert doc["family"] == "generic"
+    assert doc["total_params"] == (4 * 3 + 3) + (3 * 2 + 2)  # 23
+    assert cli("my_models:tiny", "--verify").exit_code == 0
+    missing = cli("my_models:nope")
+    assert missing.exit_code == 2 and "cannot import 'my_models:nope'" in missing.stderr

@@ -64,6 +64,8 @@ def _read_config(path: Path) -> dict:
         raise ParamcalcError(f"{str(path)!r} must hold a JSON object, not {type(config).__name__}")
     if "model_type" not in config:
         raise ParamcalcError(f"{str(path)!r} has no 'model_type', so paramcalc cannot tell which model it describes")
+    if not isinstance(config["model_type"], str):
+        raise ParamcalcError(f"{str(path)!r}: model_type must be a string such as \"bert\", got {config['model_type']!r}")
     return config
 
 
@@ -89,6 +91,8 @@ def apply_overrides(config: dict, overrides: dict, known: dict) -> dict:
     """
     config = dict(config)
     for key, value in overrides.items():
+        if key == "model_type":
+            raise ParamcalcError("--set model_type: the model type picks the formulas; pass another model instead")
         if key not in config and key not in known:
             close = sorted(k for k in set(config) | set(known) if not k.startswith("_"))
             hint = difflib.get_close_matches(key, close, n=3)

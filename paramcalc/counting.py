@@ -122,27 +122,28 @@ def count(
         overrides["num_labels"] = num_labels
     family = families.family_for(resolved.config.get("model_type"))
     if family is None:
-        config = configs.apply_overrides(resolved.config, overrides, {})
+        from .meta import config_keys
+
+        config = configs.apply_overrides(resolved.config, overrides, config_keys(resolved.config))
         return _generic(resolved, config, task, f"no formula file for model_type "
                         f"{resolved.config.get('model_type')!r}; counted on the meta device, without formulas")
-    known = dict.fromkeys(family.symbols.values()) | family.defaults | dict.fromkeys(family.unsupported, False)
-    config = configs.apply_overrides(resolved.config, overrides, known)
+    overridden = configs.apply_overrides(resolved.config, overrides, family.known_keys())
     if task not in family.tasks:
         raise ParamcalcError(
             f"task {task!r} is not available for {family.title}; choose one of: {', '.join(family.tasks)}"
         )
+    config = families.normalise_config(family, overridden)
     unsupported = families.unsupported_settings(family, config)
     if unsupported:
-        return _generic(resolved, config, task, f"the {family.title} formula file does not model "
+        return _generic(resolved, overridden, task, f"the {family.title} formula file does not model "
                         f"{', '.join(unsupported)}; counted on the meta device, without formulas")
-    config = families.normalise_config(family, config)
     components = families.bind(family, task, config)
     values = families.symbol_values(family, config)
     result = CountResult(
         model=resolved.name, family=family.name, task=task, hf_class=family.tasks[task].hf_class,
         components=components, config=config, config_source=resolved.source,
         symbols={s: (k, values[s], family.symbol_docs[s]) for s, k in family.symbols.items() if s in values},
-        notes=_family_notes(family, resolved.config, values),
+        notes=_family_notes(family, overridden, values),
     )
     if formulas:
         from .symbolic import attach_formulas

@@ -64,9 +64,20 @@ class Family:
     modules: tuple[ModuleSpec, ...]
     digest: str  # hash of the file text; keys the formula cache
 
-    @property
-    def keys(self) -> set[str]:
-        return set(self.symbols.values()) | set(self.defaults)
+    def known_keys(self) -> dict:
+        """Every config key this family reads, with its default (None when it has none)."""
+        switches = dict.fromkeys(k for m in self.modules for k in (*m.when, *m.unless)) | dict.fromkeys(self.unsupported)
+        return dict.fromkeys(self.symbols.values()) | dict.fromkeys(self.key_aliases) | switches | self.defaults
+
+    def condition_types(self) -> dict[str, type]:
+        """The type each switch the family reads must have (bool for tie_word_embeddings, str for ...)."""
+        types = {}
+        conditions = [*self.unsupported.items(), *(i for m in self.modules for i in (m.when | m.unless).items())]
+        for key, wanted in conditions:
+            for value in wanted if isinstance(wanted, list) else [wanted]:
+                if value != UNSET:
+                    types[key] = type(value)
+        return types
 
 
 @dataclass
@@ -170,15 +181,22 @@ def _inherit(parent: dict, child: dict) -> dict:
 def normalise_config(family: Family, config: dict) -> dict:
     """The config with legacy keys renamed, defaults filled in and sizes validated."""
     config = dict(config)
-    for old, new in family.key_aliases.items():
-        if old in config and config.get(new) is None:
-            config[new] = config.pop(old)
+    for alias, canonical in family.key_aliases.items():
+        if config.get(alias) is not None:  # transformers' attribute_map: the alias sets the real key
+            config[canonical] = config.pop(alias)
     # a saved config records its labels as id2label, as transformers does
     if config.get("id2label") and "num_labels" not in config:
+        if not isinstance(config["id2label"], (dict, list)):
+            raise ParamcalcError(f"id2label must map label ids to names, got {config['id2label']!r}")
         config["num_labels"] = len(config["id2label"])
     for key, value in family.defaults.items():
         if config.get(key) is None:
             config[key] = value
+    for key, expected in family.condition_types().items():
+        value = config.get(key)
+        if value is not None and key not in family.symbols.values() and type(value) is not expected:
+            wanted = {bool: "true or false", str: "a string", int: "an integer"}.get(expected, expected.__name__)
+            raise ParamcalcError(f"{key} must be {wanted}, got {value!r}")
     values = symbol_values(family, config, fill_derived=False)
     for key, expression in family.derived_defaults.items():
         if config.get(key) is None:

@@ -8,7 +8,9 @@ as a short table.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 from .counting import CountResult
 from .errors import ParamcalcError
@@ -55,12 +57,17 @@ def build_factory_model(spec: str):
     import torch
 
     module_name, _, factory_name = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: a module in the current folder is importable
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as exc:
-        raise ParamcalcError(f"cannot import {spec!r}: {exc}") from None
-    with torch.device("meta"):
-        model = factory()
+    except Exception as exc:  # ImportError, AttributeError, or the module's own error
+        raise ParamcalcError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception as exc:
+        raise ParamcalcError(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ParamcalcError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -44,6 +44,13 @@ def hf_config(config: dict):
         raise ParamcalcError(f"transformers rejects this config: {first_line}") from None
 
 
+def config_keys(config: dict) -> dict:
+    """Every key the transformers config class of ``config`` knows, with its value (for --set checks)."""
+    keys = hf_config(config).to_dict()
+    keys.setdefault("num_labels", len(keys.get("id2label") or {}) or 2)
+    return keys
+
+
 def build_meta_model(config: dict, class_name: str | None = None, task: str = "base"):
     """Instantiate the model on the meta device: every parameter has its real shape, no storage."""
     import torch
@@ -55,6 +62,6 @@ def build_meta_model(config: dict, class_name: str | None = None, task: str = "b
             if class_name:
                 return getattr(transformers, class_name)(hf)
             return getattr(transformers, AUTO_CLASSES[task]).from_config(hf)
-    except ValueError as exc:  # e.g. an Auto class that has no mapping for this model type
-        first_line = str(exc).strip().splitlines()[0]
+    except Exception as exc:  # no mapping for this task, padding_idx out of range, sizes too large...
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ParamcalcError(f"transformers cannot build this model for task {task!r}: {first_line}") from None

@@ -25,7 +25,9 @@ def rich_report(result: CountResult):
     from rich.table import Table
     from rich.text import Text
 
-    title = f"{result.model} · {result.hf_class} ({result.family}, task {result.task})"
+    from rich.markup import escape
+
+    title = escape(f"{result.model} · {result.hf_class} ({result.family}, task {result.task})")
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("component")
     table.add_column("group", style="dim")
@@ -37,7 +39,7 @@ def rich_report(result: CountResult):
         if c.tied_to:
             formula = "0 (tied)"
         trainable = "" if c.trainable else " [dim](frozen)[/dim]"
-        table.add_row(c.name + trainable, c.group, formula, f"{c.count:,}", _share(c.count, result.total_params))
+        table.add_row(escape(c.name) + trainable, c.group, formula, f"{c.count:,}", _share(c.count, result.total_params))
     total, trainable = result.total_params, result.trainable_params
     lines = [table]
     lines.append(Text.from_markup(
@@ -54,11 +56,12 @@ def rich_report(result: CountResult):
     return Group(*lines)
 
 
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "{": r"\{",
+                  "}": r"\}", "$": r"\$", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}"}
+
+
 def _latex_escape(text: str) -> str:
-    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                       ("{", r"\{"), ("}", r"\}")):
-        text = text.replace(char, repl)
-    return text
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)  # one pass: no double escaping
 
 
 def _latex_symbol(symbol: str) -> str:

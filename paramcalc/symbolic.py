@@ -36,7 +36,7 @@ def attach_formulas(family: Family, components: list[Component]) -> tuple[str, s
     key = hashlib.sha256(key_material.encode()).hexdigest()[:24]
     path = cache_dir() / f"formulas-{key}.json"
     formulas = _read(path)
-    if formulas is None:
+    if not _well_formed(formulas, len(components)):
         formulas = compute_formulas(family, components)
         _write(path, formulas)
     for component, (text, latex) in zip(components, formulas["rows"]):
@@ -79,6 +79,12 @@ def compute_formulas(family: Family, components: list[Component]) -> dict:
                      key=str)
     closed = sympy.collect(sympy.expand(total), repeats) if repeats else sympy.expand(total)
     return {"rows": rows, "closed": sympy.sstr(closed), "closed_latex": sympy.latex(closed)}
+
+
+def _well_formed(formulas, rows: int) -> bool:
+    return (isinstance(formulas, dict) and isinstance(formulas.get("rows"), list) and len(formulas["rows"]) == rows
+            and all(isinstance(r, list) and len(r) == 2 for r in formulas["rows"])
+            and isinstance(formulas.get("closed"), str) and isinstance(formulas.get("closed_latex"), str))
 
 
 def _read(path: Path) -> dict | None:

@@ -136,6 +136,14 @@ BAD_INPUTS = [
     (["t5-small", "--task", "causal-lm"], "choose one of: base, seq2seq-lm, seq-cls, token-cls"),
     (["bert-base-uncased", "--task", "seq-cls", "--num-labels", "0"], "num_labels must be a positive integer"),
     (["bert-base-uncased", "--task", "nope"], "is not one of"),
+    (["{tmp}/type_list.json"], "model_type must be a string"),
+    (["{tmp}/labels.json"], "id2label must map label ids to names"),
+    (["{tmp}/tie_string.json", "--task", "causal-lm"], "tie_word_embeddings must be true or false"),
+    (["gpt2", "--set", "model_type=bert"], "--set model_type"),
+    (["roberta-base", "--set", "vocab_size=1", "--verify"], "transformers cannot build this model"),
+    (["bert-base-uncased", "--set", "vocab_size=99999999999999999999999", "--verify"], "cannot build"),
+    (["torch.nn:Linear"], "torch.nn:Linear() failed: TypeError"),
+    (["{tmp}/ckpt[/best]", "--task", "masked-lm"], "choose one of: base, causal-lm, seq-cls, token-cls"),
 ]
 
 
@@ -148,6 +156,11 @@ def bad_files(tmp_path):
     (tmp_path / "no_type.json").write_text('{"hidden_size": 8}')
     (tmp_path / "unknown_type.json").write_text('{"model_type": "foo"}')
     (tmp_path / "heads.json").write_text('{"model_type": "bert", "hidden_size": 770}')
+    (tmp_path / "type_list.json").write_text('{"model_type": ["gpt2"]}')
+    (tmp_path / "labels.json").write_text('{"model_type": "bert", "id2label": 5}')
+    (tmp_path / "tie_string.json").write_text('{"model_type": "gpt2", "tie_word_embeddings": "false"}')
+    (tmp_path / "ckpt[" / "best]").mkdir(parents=True)  # rich markup in a path must not break anything
+    (tmp_path / "ckpt[" / "best]" / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
     return tmp_path
 
 
@@ -175,3 +188,47 @@ def test_custom_module_factory(cli, tmp_path, monkeypatch):
     assert cli("my_models:tiny", "--verify").exit_code == 0
     missing = cli("my_models:nope")
     assert missing.exit_code == 2 and "cannot import 'my_models:nope'" in missing.stderr
+
+
+def test_markup_like_paths_are_shown_verbatim(cli, bad_files):
+    result = cli(str(bad_files / "ckpt[" / "best]"))
+    assert result.exit_code == 0 and "ckpt[/best]" in result.stdout
+
+
+def test_alias_keys_win_as_in_transformers(cli, tmp_path):
+    # GPT2Config.attribute_map: hidden_size sets n_embd, whatever the key order
+    config = {"model_type": "gpt2", "n_embd": 768, "hidden_size": 64, "n_head": 4, "n_layer": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert cli(str(tmp_path), "--verify").exit_code == 0
+    assert cli("gpt2", "--set", "hidden_size=64", "--set", "n_head=4", "--verify").exit_code == 0
+    assert cli("bloom-560m", "--set", "n_embed=64", "--verify").exit_code == 0
+
+
+def test_generic_path_accepts_the_config_class_keys(cli, tmp_path):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = cli(str(tmp_path), "--task", "seq-cls", "--num-labels", "3", "--set", "tie_word_embeddings=true",
+                 "--verify")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_damaged_formula_cache_is_rebuilt(tmp_path, monkeypatch):
+    import paramcalc
+
+    monkeypatch.setenv("PARAMCALC_CACHE_DIR", str(tmp_path))
+    expected = paramcalc.count("gpt2").closed_form
+    for damage in ("{}", "[1]", '{"rows": [], "closed": "0", "closed_latex": "0"}'):
+        for cached in tmp_path.glob("formulas-*.json"):
+            cached.write_text(damage)
+        result = paramcalc.count("gpt2")
+        assert result.closed_form == expected
+        assert all(c.formula for c in result.components)
+
+
+def test_latex_escapes_special_characters_once():
+    from paramcalc.report import _latex_escape
+
+    assert _latex_escape(r"C:\m_1 $x^2~ 50% #1 {a}") == (
+        r"C:\textbackslash{}m\_1 \$x\textasciicircum{}2\textasciitilde{} 50\% \#1 \{a\}"
+    )

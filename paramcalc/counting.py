@@ -30,6 +30,18 @@ class CountResult:
     closed_form: str | None = None
     closed_form_latex: str | None = None
     notes: list[str] = field(default_factory=list)
+    peft: list = field(default_factory=list)  # PeftSummary per applied method
+    peft_options: list = field(default_factory=list)  # (method, options), to rebuild the peft model
+
+    @property
+    def values(self) -> dict[str, int]:
+        """Symbol -> value, e.g. {"H": 768, "L": 12, "r": 8}."""
+        return {s: v for s, (_k, v, _d) in self.symbols.items()}
+
+    def add_symbol(self, symbol: str, key: str, value: int, doc: str) -> None:
+        if symbol in self.symbols and self.symbols[symbol][0] != key:
+            raise ValueError(f"symbol {symbol!r} is already {self.symbols[symbol][0]}")
+        self.symbols[symbol] = (key, value, doc)
 
     @property
     def generic(self) -> bool:
@@ -73,7 +85,8 @@ class CountResult:
                 }
                 for c in self.components
             ],
-            "notes": self.notes,
+            "peft": [p.to_dict() for p in self.peft],
+            "notes": self.notes + [n for p in self.peft for n in p.notes],
             "config_source": self.config_source,
         }
 
@@ -99,6 +112,7 @@ def count(
     overrides: dict | None = None,
     num_labels: int | None = None,
     formulas: bool = True,
+    peft=None,
 ) -> CountResult:
     """Count the parameters of ``model`` for ``task``.
 
@@ -106,6 +120,7 @@ def count(
     folder holding one, a config dict, a ``transformers.PretrainedConfig``, or
     ``"package.module:factory"`` naming a function that returns a custom ``nn.Module``.
     ``overrides`` are config values to change (the CLI's ``--set KEY=VALUE``).
+    ``peft`` is a peft config object (``LoraConfig(r=8)``), a ``"lora:r=8"`` spec, or a list of them.
 
     >>> count("bert-base-uncased").total_params
     109482240
@@ -126,7 +141,7 @@ def count(
 
         config = configs.apply_overrides(resolved.config, overrides, config_keys(resolved.config))
         return _generic(resolved, config, task, f"no formula file for model_type "
-                        f"{resolved.config.get('model_type')!r}; counted on the meta device, without formulas")
+                        f"{resolved.config.get('model_type')!r}; counted on the meta device, without formulas", peft)
     overridden = configs.apply_overrides(resolved.config, overrides, family.known_keys())
     if task not in family.tasks:
         raise ParamcalcError(
@@ -136,7 +151,7 @@ def count(
     unsupported = families.unsupported_settings(family, config)
     if unsupported:
         return _generic(resolved, overridden, task, f"the {family.title} formula file does not model "
-                        f"{', '.join(unsupported)}; counted on the meta device, without formulas")
+                        f"{', '.join(unsupported)}; counted on the meta device, without formulas", peft)
     components = families.bind(family, task, config)
     values = families.symbol_values(family, config)
     result = CountResult(
@@ -145,11 +160,25 @@ def count(
         symbols={s: (k, values[s], family.symbol_docs[s]) for s, k in family.symbols.items() if s in values},
         notes=_family_notes(family, overridden, values),
     )
+    methods = tuners_normalise(peft)
+    if methods:
+        from .tuners import apply_all
+
+        apply_all(result, methods)
     if formulas:
         from .symbolic import attach_formulas
 
-        result.closed_form, result.closed_form_latex = attach_formulas(family, components)
+        result.closed_form, result.closed_form_latex = attach_formulas(family, result.components,
+                                                                       list(result.symbols))
     return result
+
+
+def tuners_normalise(peft):
+    if peft is None:
+        return []
+    from .tuners import normalise
+
+    return normalise(peft)
 
 
 def _family_notes(family, original: dict, values: dict[str, int]) -> list[str]:
@@ -164,9 +193,11 @@ def _family_notes(family, original: dict, values: dict[str, int]) -> list[str]:
     return notes
 
 
-def _generic(resolved, config, task, why) -> CountResult:
+def _generic(resolved, config, task, why, peft=None) -> CountResult:
     from .generic import count_generic
 
+    if tuners_normalise(peft):
+        raise ParamcalcError(f"PEFT deltas need a formula file (bert, roberta, t5, gpt2, bloom); {why}")
     result = count_generic(config, task)
     result.model, result.config_source = resolved.name, resolved.source
     result.notes.insert(0, why)

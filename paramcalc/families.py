@@ -44,6 +44,7 @@ class ModuleSpec:
     when: dict = field(default_factory=dict)
     unless: dict = field(default_factory=dict)
     tied_to: str | None = None
+    role: str | None = None  # "output-embedding": the LM head peft's all-linear leaves alone
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Family:
     unsupported: dict
     tasks: dict[str, Task]
     modules: tuple[ModuleSpec, ...]
+    peft: dict  # peft's per-family defaults (LoRA/IA3 targets), from peft/utils/constants.py
     digest: str  # hash of the file text; keys the formula cache
 
     def known_keys(self) -> dict:
@@ -96,6 +98,8 @@ class Component:
     tied_to: str | None = None
     formula: str = ""
     latex: str = ""
+    args: dict = field(default_factory=dict)  # the primitive's symbolic arguments (in_features, ...)
+    role: str | None = None
 
     def numel_expression(self) -> str:
         """The count as one arithmetic expression, e.g. ``L*((H)*(H) + (H))``."""
@@ -146,7 +150,7 @@ def _parse(path: Path) -> Family:
             ModuleSpec(
                 name=m["name"], group=m["group"], kind=m["kind"], part=m["part"], param=m["param"],
                 shape=m.get("shape", {}), repeat=str(m.get("repeat", "1")), when=m.get("when", {}),
-                unless=m.get("unless", {}), tied_to=m.get("tied_to"),
+                unless=m.get("unless", {}), tied_to=m.get("tied_to"), role=m.get("role"),
             )
         )
     tasks = {
@@ -160,7 +164,7 @@ def _parse(path: Path) -> Family:
         defaults=raw.get("defaults", {}), derived_defaults=raw.get("derived_defaults", {}),
         key_aliases=raw.get("key_aliases", {}),
         divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
-        unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules),
+        unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules), peft=raw.get("peft", {}),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
 
@@ -168,7 +172,7 @@ def _parse(path: Path) -> Family:
 def _inherit(parent: dict, child: dict) -> dict:
     """Child keys win; modules of the parts the child drops are replaced by the child's."""
     merged = {**parent, **child}
-    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported"):
+    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported", "peft"):
         merged[table] = {**parent.get(table, {}), **child.get(table, {})}
     dropped = set(child.get("drop_parts", []))
     merged["modules"] = [m for m in parent["modules"] if m["part"] not in dropped] + child.get("modules", [])
@@ -265,7 +269,8 @@ def bind(family: Family, task_name: str, config: dict) -> list[Component]:
             Component(
                 name=spec.name, group=spec.group, kind=spec.kind, repeat=spec.repeat,
                 repeat_count=repeat_count, shapes=shapes, param=prefix + spec.param,
-                count=repeat_count * per_module, tied_to=spec.tied_to,
+                count=repeat_count * per_module, tied_to=spec.tied_to, args=dict(spec.shape),
+                role=spec.role,
             )
         )
     return components

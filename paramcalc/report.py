@@ -45,13 +45,16 @@ def rich_report(result: CountResult):
     lines.append(Text.from_markup(
         f"[bold]total[/bold] {total:,}   [bold]trainable[/bold] {trainable:,} ({_share(trainable, total)})"
     ))
+    if result.peft:  # the line peft's print_trainable_parameters prints, computed here
+        lines.append(Text(f"trainable params: {trainable:,} || all params: {total:,} || "
+                          f"trainable%: {100 * trainable / total:.4f}"))
     if result.closed_form:
         lines.append(Text.from_markup(f"[bold]closed form[/bold] [cyan]{result.closed_form}[/cyan]"))
     used = used_symbols(result)
     if used:
         where = ", ".join(f"{s}={k}={v:,}" for s, (k, v, _doc) in result.symbols.items() if s in used)
         lines.append(Text(f"where {where}", style="dim"))
-    for note in result.notes:
+    for note in result.notes + [n for p in result.peft for n in p.notes]:
         lines.append(Text(f"note: {note}", style="yellow"))
     return Group(*lines)
 

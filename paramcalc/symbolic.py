@@ -28,27 +28,27 @@ def cache_dir() -> Path:
     return Path(base) / "paramcalc"
 
 
-def attach_formulas(family: Family, components: list[Component]) -> tuple[str, str]:
+def attach_formulas(family: Family, components: list[Component], symbols: list[str]) -> tuple[str, str]:
     """Fill each component's ``formula``/``latex``; return the whole model's closed form (text, LaTeX)."""
     key_material = json.dumps(
-        [CACHE_VERSION, family.digest, [(c.name, c.numel_expression()) for c in components]]
+        [CACHE_VERSION, family.digest, sorted(symbols), [(c.name, c.numel_expression()) for c in components]]
     )
     key = hashlib.sha256(key_material.encode()).hexdigest()[:24]
     path = cache_dir() / f"formulas-{key}.json"
     formulas = _read(path)
     if not _well_formed(formulas, len(components)):
-        formulas = compute_formulas(family, components)
+        formulas = compute_formulas(symbols, components)
         _write(path, formulas)
     for component, (text, latex) in zip(components, formulas["rows"]):
         component.formula, component.latex = text, latex
     return formulas["closed"], formulas["closed_latex"]
 
 
-def sympy_symbols(family: Family) -> dict:
+def sympy_symbols(names) -> dict:
     import sympy
 
     # Sizes are positive integers; saying so lets sympy simplify without case splits.
-    return {s: sympy.Symbol(s, positive=True, integer=True) for s in family.symbols}
+    return {s: sympy.Symbol(s, positive=True, integer=True) for s in names}
 
 
 def component_expression(component: Component, symbols: dict):
@@ -65,10 +65,10 @@ def component_expression(component: Component, symbols: dict):
     return body if repeat == 1 else sympy.Mul(repeat, body)
 
 
-def compute_formulas(family: Family, components: list[Component]) -> dict:
+def compute_formulas(symbol_names: list[str], components: list[Component]) -> dict:
     import sympy
 
-    symbols = sympy_symbols(family)
+    symbols = sympy_symbols(symbol_names)
     rows, total = [], sympy.Integer(0)
     for component in components:
         expression = component_expression(component, symbols)

@@ -35,6 +35,7 @@ class Verification:
     checks: list[ComponentCheck]
     unclaimed: list[str]  # parameters of the real model that no row accounts for
     generic: bool = False  # counted from the model itself, so nothing independent was compared
+    peft_counts: tuple[int, int] | None = None  # peft's own get_nb_trainable_parameters(): (trainable, all)
 
     @property
     def ok(self) -> bool:
@@ -56,8 +57,10 @@ def verify(result: CountResult, model=None) -> Verification:
         model = build_factory_model(result.config_source)
     if model is None:
         model = build_meta_model(result.config, class_name=result.hf_class, task=result.task)
-    actual = {name: p for name, p in model.named_parameters()}
-    aliases = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    if result.peft_options:
+        model = apply_real_peft(model, result)
+    actual = {peft_free_name(name): p for name, p in model.named_parameters()}
+    aliases = {peft_free_name(name): p for name, p in model.named_parameters(remove_duplicate=False)}
     meta_total = sum(p.numel() for p in model.parameters())
     if result.generic:  # counted from the model itself: nothing independent to compare
         checks = [ComponentCheck(c.name, c.count, c.count) for c in result.components]
@@ -82,9 +85,43 @@ def verify(result: CountResult, model=None) -> Verification:
             check.actual += parameter.numel()
             if tuple(parameter.shape) != shape:
                 check.problems.append(f"{name} has shape {tuple(parameter.shape)}, formula says {shape}")
+            if parameter.requires_grad != component.trainable:
+                state = "trainable" if parameter.requires_grad else "frozen"
+                check.problems.append(f"{name} is {state} in the model")
         checks.append(check)
     unclaimed = [name for name in actual if name not in claimed]
-    return Verification(type(model).__name__, meta_total, checks, unclaimed)
+    peft_counts = model.get_nb_trainable_parameters() if result.peft_options else None
+    return Verification(type(model).__name__, meta_total, checks, unclaimed, peft_counts=peft_counts)
+
+
+def apply_real_peft(model, result):
+    """Apply the same methods with peft itself (``get_peft_model``), still on the meta device."""
+    import warnings
+
+    import peft
+
+    from .tuners import METHODS
+    from .tuners.common import PEFT_TASK_TYPES
+
+    for method, options in result.peft_options:
+        config = METHODS[method].to_peft_config(options, PEFT_TASK_TYPES.get(result.task))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft warns about meta tensors and fan_in_fan_out; not ours to fix
+            model = peft.get_peft_model(model, config)
+    return model
+
+
+def peft_free_name(name: str) -> str:
+    """A peft-wrapped parameter's name as paramcalc's rows spell it.
+
+    ``base_model.model.x.query.base_layer.weight`` -> ``x.query.weight``;
+    ``classifier.original_module.weight`` -> ``classifier.weight`` (the frozen original of a saved module).
+    """
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 def _check_tied(component, by_name, values, aliases, check) -> None:

@@ -144,6 +144,16 @@ BAD_INPUTS = [
     (["bert-base-uncased", "--set", "vocab_size=99999999999999999999999", "--verify"], "cannot build"),
     (["torch.nn:Linear"], "torch.nn:Linear() failed: TypeError"),
     (["{tmp}/ckpt[/best]", "--task", "masked-lm"], "choose one of: base, causal-lm, seq-cls, token-cls"),
+    (["gpt2", "--lora", "r=0"], "r must be a positive integer, got 0"),
+    (["gpt2", "--lora", "r=-3"], "r must be a positive integer, got -3"),
+    (["gpt2", "--lora", "r=eight"], "r='eight' is not an integer"),
+    (["gpt2", "--lora", "rank=8"], "unknown key 'rank'; keys are: r, alpha"),
+    (["gpt2", "--lora", "r=8,targets=query"], "match no module of GPT-2; adaptable modules are: c_attn"),
+    (["gpt2", "--lora", "targets=ln_1"], "'ln_1' is a layernorm module, which LoRA cannot adapt"),
+    (["gpt2", "--lora", "bias=some"], "bias must be one of none, all, lora_only"),
+    (["gpt2", "--lora", "modules_to_save=nothing"], "modules_to_save nothing match no module"),
+    (["bert-base-uncased", "--task", "token-cls", "--lora", "targets=all-linear"], "peft cannot adapt classifier"),
+    (["{tmp}/distil", "--lora", "r=8"], "PEFT deltas need a formula file"),
 ]
 
 
@@ -159,6 +169,8 @@ def bad_files(tmp_path):
     (tmp_path / "type_list.json").write_text('{"model_type": ["gpt2"]}')
     (tmp_path / "labels.json").write_text('{"model_type": "bert", "id2label": 5}')
     (tmp_path / "tie_string.json").write_text('{"model_type": "gpt2", "tie_word_embeddings": "false"}')
+    (tmp_path / "distil").mkdir()
+    (tmp_path / "distil" / "config.json").write_text('{"model_type": "distilbert", "n_layers": 1}')
     (tmp_path / "ckpt[" / "best]").mkdir(parents=True)  # rich markup in a path must not break anything
     (tmp_path / "ckpt[" / "best]" / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
     return tmp_path

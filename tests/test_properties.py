@@ -110,7 +110,7 @@ def test_sympy_formulas_evaluate_to_the_counts(family):
              "t5": "t5-v1_1-small"}[family]
     for task in families.families()[family].tasks:
         result = paramcalc.count(model, task=task)
-        symbols = sympy_symbols(families.families()[family])
+        symbols = sympy_symbols(result.symbols)
         values = {symbols[s]: v for s, (_k, v, _d) in result.symbols.items()}
         for component in result.components:
             assert sympy.parse_expr(component.formula, local_dict=symbols).subs(values) == component.count

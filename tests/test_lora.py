@@ -1,0 +1,148 @@
+"""LoRA: analytic added/trainable counts == peft.get_peft_model on the meta-device model."""
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import paramcalc
+from paramcalc.verify import verify
+
+
+def assert_matches_peft(result):
+    verification = verify(result)  # peft applied on the meta model, every parameter matched by name and shape
+    assert verification.mismatches() == []
+    assert verification.peft_counts == (result.trainable_params, result.total_params)  # peft's own figures
+    return verification
+
+
+def test_bert_base_uncased_lora_r8_published_figure():
+    # peft default targets for BERT: query, value. 12 layers * 2 modules * 8 * (768 + 768) = 294,912
+    result = paramcalc.count("bert-base-uncased", peft="lora:r=8")
+    assert result.trainable_params == 294_912
+    assert result.total_params == 109_482_240 + 294_912
+    assert_matches_peft(result)
+
+
+def test_t5_small_lora_r8_published_figure():
+    # peft default targets for T5: q, v. (6 encoder + 6 decoder self + 6 decoder cross) * 2 * 8 * (512 + 512)
+    result = paramcalc.count("t5-small", task="seq2seq-lm", peft="lora:r=8")
+    assert result.trainable_params == 294_912 == 18 * 2 * 8 * (512 + 512)
+    assert_matches_peft(result)
+
+
+def test_seq_cls_trains_a_copy_of_the_head():
+    # peft's SEQ_CLS task type keeps the classifier frozen and trains a copy (modules_to_save)
+    result = paramcalc.count("bert-base-uncased", task="seq-cls", peft="lora:r=8")
+    head = 768 * 2 + 2
+    assert result.trainable_params == 294_912 + head
+    assert result.total_params == 109_483_778 + 294_912 + head
+    assert_matches_peft(result)
+
+
+CASES = [
+    ("bert-base-uncased", "masked-lm", "r=4,targets=query,key,value,dense,bias=all"),
+    ("bert-base-uncased", "masked-lm", "r=16,targets=all-linear,bias=lora_only"),
+    ("bert-base-uncased", "token-cls", "r=16,targets=query,dense,bias=lora_only"),
+    ("roberta-base", "seq-cls", "r=8,bias=all"),
+    ("roberta-base", "causal-lm", "r=2,targets=word_embeddings,query,dora=true"),
+    ("distilroberta-base", "seq-cls", "r=8,targets=all-linear"),
+    ("gpt2", "causal-lm", "r=4,targets=c_attn,c_proj,c_fc,bias=all"),
+    ("gpt2", "seq-cls", "r=8,targets=wte,c_attn,modules_to_save=ln_f"),
+    ("gpt2-medium", "seq-cls", "r=32,targets=all-linear,dora=true"),
+    ("t5-small", "seq2seq-lm", "r=8,targets=all-linear"),
+    ("t5-v1_1-small", "seq-cls", "r=4,targets=q,k,v,o,wi_0,wi_1,wo,bias=all"),
+    ("t5-small", "token-cls", "r=1,targets=shared,q"),
+    ("bloom-560m", "causal-lm", "r=8"),
+    ("bloom-560m", "token-cls", "r=8,bias=lora_only,dora=true"),
+    ("bloom-560m", "seq-cls", "r=64,targets=query_key_value,dense_h_to_4h,dense_4h_to_h"),
+]
+
+
+@pytest.mark.parametrize(("model", "task", "spec"), CASES, ids=[f"{m}:{t}:{s}" for m, t, s in CASES])
+def test_lora_matches_peft(model, task, spec):
+    result = paramcalc.count(model, task=task, peft=f"lora:{spec}", formulas=False)
+    assert_matches_peft(result)
+    summary = result.peft[0]
+    assert summary.trainable_params == result.trainable_params
+    assert summary.added_params == sum(c.count for c in result.components if c.group == "peft")
+
+
+def test_token_cls_cannot_adapt_the_classifier_it_saves():
+    # peft's TOKEN_CLS model saves the classifier after adapting: all-linear then raises TypeError in peft
+    import peft
+    import torch
+    import transformers
+
+    with pytest.raises(paramcalc.ParamcalcError, match="peft cannot adapt classifier"):
+        paramcalc.count("bert-base-uncased", task="token-cls", peft="lora:targets=all-linear")
+    with torch.device("meta"):
+        model = transformers.BertForTokenClassification(transformers.BertConfig(num_hidden_layers=1))
+    with pytest.raises(TypeError):
+        peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", task_type="TOKEN_CLS"))
+
+
+def test_api_takes_peft_config_objects():
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], bias="lora_only")
+    from_object = paramcalc.count("gpt2", task="causal-lm", peft=config)
+    from_spec = paramcalc.count("gpt2", task="causal-lm", peft="lora:r=4,alpha=16,targets=c_attn,c_proj,bias=lora_only")
+    assert (from_object.trainable_params, from_object.total_params) == (from_spec.trainable_params,
+                                                                        from_spec.total_params)
+    assert_matches_peft(from_object)
+
+
+def test_lora_formula_is_r_times_in_plus_out():
+    result = paramcalc.count("bert-base-uncased", peft="lora:r=8")
+    assert result.component("LoRA attention query").formula == "2*H*L*r"  # L * r * (H + H)
+    assert result.to_dict()["peft"] == [{
+        "method": "lora", "added_params": 294_912, "trainable_params": 294_912,
+        "config": {"r": 8, "alpha": 8, "dropout": 0.0, "targets": ["query", "value"], "bias": "none",
+                   "modules_to_save": None, "dora": False, "task_modules_to_save": None},
+    }]
+
+
+EXAMPLES = int(os.environ.get("PARAMCALC_EXAMPLES", "200")) // 5  # 40 by default: each builds a peft model
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("PARAMCALC_EXAMPLES"))
+@given(
+    model=st.sampled_from(["bert-base-uncased", "roberta-base", "gpt2", "bloom-560m", "t5-small", "t5-v1_1-small"]),
+    data=st.data(),
+    r=st.integers(1, 64),
+    bias=st.sampled_from(["none", "all", "lora_only"]),
+    dora=st.booleans(),
+    layers=st.integers(1, 3),
+)
+def test_random_lora_matches_peft(model, data, r, bias, dora, layers):
+    family = paramcalc.count(model, formulas=False).family
+    task = data.draw(st.sampled_from(sorted(__import__("paramcalc").families.families()[family].tasks)))
+    names = {"bert": ["query", "key", "value", "dense", "word_embeddings"], "gpt2": ["c_attn", "c_proj", "c_fc", "wte"],
+             "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+             "t5": ["q", "k", "v", "o", "wo", "shared"]}[{"roberta": "bert"}.get(family, family)]
+    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True) | st.just(["all-linear"]))
+    layer_key = {"bert": "num_hidden_layers", "roberta": "num_hidden_layers", "gpt2": "n_layer", "bloom": "n_layer",
+                 "t5": "num_layers"}[family]
+    spec = f"r={r},bias={bias},dora={dora},targets={','.join(targets)}"
+    try:
+        result = paramcalc.count(model, task=task, overrides={layer_key: layers}, peft=f"lora:{spec}", formulas=False)
+    except paramcalc.ParamcalcError:  # paramcalc refuses only what peft itself cannot do
+        assert_peft_refuses(model, task, {layer_key: layers}, spec)
+        return
+    assert_matches_peft(result)
+
+
+def assert_peft_refuses(model, task, overrides, spec):
+    import peft
+
+    from paramcalc.meta import build_meta_model
+    from paramcalc.tuners import lora, parse
+    from paramcalc.tuners.common import PEFT_TASK_TYPES
+
+    base = paramcalc.count(model, task=task, overrides=overrides, formulas=False)
+    meta_model = build_meta_model(base.config, class_name=base.hf_class)
+    config = lora.to_peft_config(parse("lora", spec), PEFT_TASK_TYPES.get(task))
+    with pytest.raises(Exception):
+        peft.get_peft_model(meta_model, config)

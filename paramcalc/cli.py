@@ -48,27 +48,37 @@ def main():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value (repeatable), e.g. --set num_hidden_layers=6.")
 @click.option("--num-labels", type=int, default=None, help="Labels of a seq-cls/token-cls head (default 2).")
-@click.option("--lora", "lora", metavar="SPEC", default=None,
+@click.option("--lora", metavar="SPEC", default=None,
               help="LoRA, e.g. r=8 or r=4,targets=c_attn,c_proj,bias=all (keys: r, alpha, dropout, targets, "
                    "bias, modules_to_save, dora).")
+@click.option("--prompt", metavar="SPEC", default=None,
+              help="Prompt tuning: tokens=N[,submodules=1|2].")
+@click.option("--prefix", metavar="SPEC", default=None,
+              help="Prefix tuning: tokens=N[,projection=true,hidden=H].")
+@click.option("--ptuning", metavar="SPEC", default=None,
+              help="P-tuning (peft's prompt encoder): tokens=N[,encoder=mlp|lstm,hidden=H,layers=N].")
+@click.option("--ia3", metavar="SPEC", default=None, is_flag=False, flag_value="",
+              help="IA3 with peft's defaults, or targets=...,ff=...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema paramcalc/1).")
 @click.option("--latex", is_flag=True, help="Print a LaTeX (booktabs) table.")
 @click.option("--verify", is_flag=True,
               help="Build the model on the meta device (and apply peft) and match every parameter to a row.")
-def count_command(model, task, overrides, num_labels, lora, as_json, latex, verify):
+def count_command(model, task, overrides, num_labels, lora, prompt, prefix, ptuning, ia3, as_json, latex, verify):
     """Count the parameters of MODEL: a catalog name, a config.json, or a folder holding one.
 
     \b
     Example:
       paramcalc bert-base-uncased --task seq-cls --num-labels 3 --verify
       paramcalc bert-base-uncased --lora r=8
+      paramcalc t5-small --task seq2seq-lm --prompt tokens=20
     """
     from . import configs
     from .counting import count
 
     try:
         parsed = dict(configs.parse_override(item) for item in overrides)
-        methods = [(name, spec) for name, spec in (("lora", lora),) if spec is not None]
+        given = {"lora": lora, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
+        methods = [(name, spec) for name, spec in given.items() if spec is not None]
         result = count(model, task=task, overrides=parsed, num_labels=num_labels, peft=methods or None)
         verification = None
         if verify:

@@ -82,3 +82,19 @@ def tied(**_ignored) -> ParamShapes:
     # Shares its weight with another module: adds no parameters of its own
     # (torch counts a shared tensor once, in model.parameters()).
     return {}
+
+
+@primitive("lstm")
+def lstm(input_size: str, hidden_size: str, num_layers: int = 1, bidirectional: bool = False) -> ParamShapes:
+    # nn.LSTM: per layer and direction, the 4 gates' input and hidden weights and two bias vectors;
+    # layer 0 reads the input, later layers read the previous layer's (both directions') output.
+    params = {}
+    directions = ["", "_reverse"] if bidirectional else [""]
+    for layer in range(int(num_layers)):
+        layer_input = input_size if layer == 0 else f"{len(directions)}*({hidden_size})"
+        for suffix in directions:
+            params[f"weight_ih_l{layer}{suffix}"] = (f"4*({hidden_size})", layer_input)
+            params[f"weight_hh_l{layer}{suffix}"] = (f"4*({hidden_size})", hidden_size)
+            params[f"bias_ih_l{layer}{suffix}"] = (f"4*({hidden_size})",)
+            params[f"bias_hh_l{layer}{suffix}"] = (f"4*({hidden_size})",)
+    return params

@@ -104,7 +104,7 @@ def apply_real_peft(model, result):
     from .tuners.common import PEFT_TASK_TYPES
 
     for method, options in result.peft_options:
-        config = METHODS[method].to_peft_config(options, PEFT_TASK_TYPES.get(result.task))
+        config = METHODS[method].to_peft_config(options, PEFT_TASK_TYPES.get(result.task), result)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft warns about meta tensors and fan_in_fan_out; not ours to fix
             model = peft.get_peft_model(model, config)

@@ -18,3 +18,18 @@ def cli():
         return CliRunner().invoke(main, list(args))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def matches_peft():
+    """Assert a result equals peft applied on the meta model: every parameter (name, shape, requires_grad)
+    and peft's own get_nb_trainable_parameters()."""
+    from paramcalc.verify import verify
+
+    def check(result):
+        verification = verify(result)
+        assert verification.mismatches() == []
+        assert verification.peft_counts == (result.trainable_params, result.total_params)
+        return verification
+
+    return check

@@ -154,6 +154,15 @@ BAD_INPUTS = [
     (["gpt2", "--lora", "modules_to_save=nothing"], "modules_to_save nothing match no module"),
     (["bert-base-uncased", "--task", "token-cls", "--lora", "targets=all-linear"], "peft cannot adapt classifier"),
     (["{tmp}/distil", "--lora", "r=8"], "PEFT deltas need a formula file"),
+    (["gpt2", "--prompt", "tokens=0"], "--prompt: tokens must be a positive integer, got 0"),
+    (["t5-small", "--prompt", "tokens=5,submodules=3"], "submodules must be 1 or 2"),
+    (["gpt2", "--prefix", "tokens=-1"], "--prefix: tokens must be a positive integer"),
+    (["gpt2", "--prefix", "hidden=10"], "add projection=true"),
+    (["gpt2", "--ptuning", "encoder=gru"], "encoder must be one of mlp, lstm"),
+    (["gpt2", "--ia3", "targets=c_attn,ff=c_fc"], "must also be in targets"),
+    (["gpt2", "--ia3", "targets=wte"], "IA3 adapts Linear and Conv1D modules"),
+    (["gpt2", "--ia3", "targets=nothing"], "match no module of GPT-2"),
+    (["gpt2", "--ia3", "--lora", "r=2"], "one method to a model at a time"),
 ]
 
 

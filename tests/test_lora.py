@@ -7,38 +7,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import paramcalc
-from paramcalc.verify import verify
 
 
-def assert_matches_peft(result):
-    verification = verify(result)  # peft applied on the meta model, every parameter matched by name and shape
-    assert verification.mismatches() == []
-    assert verification.peft_counts == (result.trainable_params, result.total_params)  # peft's own figures
-    return verification
-
-
-def test_bert_base_uncased_lora_r8_published_figure():
+def test_bert_base_uncased_lora_r8_published_figure(matches_peft):
     # peft default targets for BERT: query, value. 12 layers * 2 modules * 8 * (768 + 768) = 294,912
     result = paramcalc.count("bert-base-uncased", peft="lora:r=8")
     assert result.trainable_params == 294_912
     assert result.total_params == 109_482_240 + 294_912
-    assert_matches_peft(result)
+    matches_peft(result)
 
 
-def test_t5_small_lora_r8_published_figure():
+def test_t5_small_lora_r8_published_figure(matches_peft):
     # peft default targets for T5: q, v. (6 encoder + 6 decoder self + 6 decoder cross) * 2 * 8 * (512 + 512)
     result = paramcalc.count("t5-small", task="seq2seq-lm", peft="lora:r=8")
     assert result.trainable_params == 294_912 == 18 * 2 * 8 * (512 + 512)
-    assert_matches_peft(result)
+    matches_peft(result)
 
 
-def test_seq_cls_trains_a_copy_of_the_head():
+def test_seq_cls_trains_a_copy_of_the_head(matches_peft):
     # peft's SEQ_CLS task type keeps the classifier frozen and trains a copy (modules_to_save)
     result = paramcalc.count("bert-base-uncased", task="seq-cls", peft="lora:r=8")
     head = 768 * 2 + 2
     assert result.trainable_params == 294_912 + head
     assert result.total_params == 109_483_778 + 294_912 + head
-    assert_matches_peft(result)
+    matches_peft(result)
 
 
 CASES = [
@@ -61,9 +53,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("model", "task", "spec"), CASES, ids=[f"{m}:{t}:{s}" for m, t, s in CASES])
-def test_lora_matches_peft(model, task, spec):
+def test_lora_matches_peft(model, task, spec, matches_peft):
     result = paramcalc.count(model, task=task, peft=f"lora:{spec}", formulas=False)
-    assert_matches_peft(result)
+    matches_peft(result)
     summary = result.peft[0]
     assert summary.trainable_params == result.trainable_params
     assert summary.added_params == sum(c.count for c in result.components if c.group == "peft")
@@ -83,7 +75,7 @@ def test_token_cls_cannot_adapt_the_classifier_it_saves():
         peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", task_type="TOKEN_CLS"))
 
 
-def test_api_takes_peft_config_objects():
+def test_api_takes_peft_config_objects(matches_peft):
     import peft
 
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], bias="lora_only")
@@ -91,7 +83,7 @@ def test_api_takes_peft_config_objects():
     from_spec = paramcalc.count("gpt2", task="causal-lm", peft="lora:r=4,alpha=16,targets=c_attn,c_proj,bias=lora_only")
     assert (from_object.trainable_params, from_object.total_params) == (from_spec.trainable_params,
                                                                         from_spec.total_params)
-    assert_matches_peft(from_object)
+    matches_peft(from_object)
 
 
 def test_lora_formula_is_r_times_in_plus_out():
@@ -116,7 +108,7 @@ EXAMPLES = int(os.environ.get("PARAMCALC_EXAMPLES", "200")) // 5  # 40 by defaul
     dora=st.booleans(),
     layers=st.integers(1, 3),
 )
-def test_random_lora_matches_peft(model, data, r, bias, dora, layers):
+def test_random_lora_matches_peft(model, data, r, bias, dora, layers, matches_peft):
     family = paramcalc.count(model, formulas=False).family
     task = data.draw(st.sampled_from(sorted(__import__("paramcalc").families.families()[family].tasks)))
     names = {"bert": ["query", "key", "value", "dense", "word_embeddings"], "gpt2": ["c_attn", "c_proj", "c_fc", "wte"],
@@ -131,7 +123,7 @@ def test_random_lora_matches_peft(model, data, r, bias, dora, layers):
     except paramcalc.ParamcalcError:  # paramcalc refuses only what peft itself cannot do
         assert_peft_refuses(model, task, {layer_key: layers}, spec)
         return
-    assert_matches_peft(result)
+    matches_peft(result)
 
 
 def assert_peft_refuses(model, task, overrides, spec):

@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 from ..errors import ParamcalcError
-from . import lora
+from . import ia3, lora, prefix, prompt, ptuning
 from .spec import parse_spec
 
-METHODS = {"lora": lora}
-PEFT_CONFIG_CLASSES = {"LoraConfig": "lora"}
+METHODS = {"lora": lora, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
+PEFT_CONFIG_CLASSES = {"LoraConfig": "lora", "PromptTuningConfig": "prompt", "PrefixTuningConfig": "prefix",
+                       "PromptEncoderConfig": "ptuning", "IA3Config": "ia3"}
 
 
 def parse(method: str, spec: str):

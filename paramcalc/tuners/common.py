@@ -15,8 +15,8 @@ from ..families import Component
 
 # peft's task types wrap the classification head in a trainable copy (ModulesToSaveWrapper)
 TASK_MODULES_TO_SAVE = {"seq-cls": ["classifier", "score"], "token-cls": ["classifier", "score"]}
-PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM",
-                   "seq2seq-lm": "SEQ_2_SEQ_LM"}
+PEFT_TASK_TYPES = {"base": "FEATURE_EXTRACTION", "masked-lm": "FEATURE_EXTRACTION", "seq-cls": "SEQ_CLS",
+                   "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM", "seq2seq-lm": "SEQ_2_SEQ_LM"}
 ADAPTABLE_KINDS = ("linear", "conv1d", "embedding")
 
 
@@ -112,6 +112,15 @@ def save_modules(result, names: list[str], values: dict[str, int]) -> list[Compo
         component.trainable = False
     result.components.extend(copies)
     return copies, used
+
+
+def prompt_learning_setup(result, flag: str):
+    """What peft does for every prompt-learning method: freeze the whole model, and for the seq-cls and
+    token-cls task types train a copy of the head (PeftModelFor*Classification)."""
+    family = require_family(result, flag)
+    freeze(result.components)
+    copies, _ = save_modules(result, TASK_MODULES_TO_SAVE.get(result.task, []), result.values)
+    return family, copies
 
 
 def require_family(result, flag: str):

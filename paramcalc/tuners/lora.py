@@ -149,7 +149,7 @@ def from_peft_config(config) -> Options:
                    dora=bool(config.use_dora))
 
 
-def to_peft_config(options: Options, task_type: str | None):
+def to_peft_config(options: Options, task_type: str | None, result=None):
     import peft
 
     targets = "all-linear" if options.all_linear else options.targets

@@ -51,6 +51,8 @@ def main():
 @click.option("--lora", metavar="SPEC", default=None,
               help="LoRA, e.g. r=8 or r=4,targets=c_attn,c_proj,bias=all (keys: r, alpha, dropout, targets, "
                    "bias, modules_to_save, dora).")
+@click.option("--adapter", metavar="SPEC", default=None, is_flag=False, flag_value="",
+              help="Bottleneck adapters (AdapterHub): kind=pfeiffer|houlsby[,bottleneck=N|reduction=F,cross=true].")
 @click.option("--prompt", metavar="SPEC", default=None,
               help="Prompt tuning: tokens=N[,submodules=1|2].")
 @click.option("--prefix", metavar="SPEC", default=None,
@@ -63,7 +65,8 @@ def main():
 @click.option("--latex", is_flag=True, help="Print a LaTeX (booktabs) table.")
 @click.option("--verify", is_flag=True,
               help="Build the model on the meta device (and apply peft) and match every parameter to a row.")
-def count_command(model, task, overrides, num_labels, lora, prompt, prefix, ptuning, ia3, as_json, latex, verify):
+def count_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, as_json, latex,
+                  verify):
     """Count the parameters of MODEL: a catalog name, a config.json, or a folder holding one.
 
     \b
@@ -77,7 +80,7 @@ def count_command(model, task, overrides, num_labels, lora, prompt, prefix, ptun
 
     try:
         parsed = dict(configs.parse_override(item) for item in overrides)
-        given = {"lora": lora, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
+        given = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
         methods = [(name, spec) for name, spec in given.items() if spec is not None]
         result = count(model, task=task, overrides=parsed, num_labels=num_labels, peft=methods or None)
         verification = None

@@ -64,6 +64,7 @@ class Family:
     tasks: dict[str, Task]
     modules: tuple[ModuleSpec, ...]
     peft: dict  # peft's per-family defaults (LoRA/IA3 targets), from peft/utils/constants.py
+    adapter_sites: tuple[dict, ...]  # where bottleneck adapters go (after attention / FFN / cross-attention)
     digest: str  # hash of the file text; keys the formula cache
 
     def known_keys(self) -> dict:
@@ -165,6 +166,7 @@ def _parse(path: Path) -> Family:
         key_aliases=raw.get("key_aliases", {}),
         divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
         unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules), peft=raw.get("peft", {}),
+        adapter_sites=tuple(raw.get("adapter_sites", [])),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
 

@@ -90,7 +90,10 @@ def verify(result: CountResult, model=None) -> Verification:
                 check.problems.append(f"{name} is {state} in the model")
         checks.append(check)
     unclaimed = [name for name in actual if name not in claimed]
-    peft_counts = model.get_nb_trainable_parameters() if result.peft_options else None
+    peft_counts = None
+    if result.peft_options:  # peft's own figures, or the same sums over an injected model
+        peft_counts = model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters") else (
+            sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
     return Verification(type(model).__name__, meta_total, checks, unclaimed, peft_counts=peft_counts)
 
 
@@ -104,6 +107,9 @@ def apply_real_peft(model, result):
     from .tuners.common import PEFT_TASK_TYPES
 
     for method, options in result.peft_options:
+        if hasattr(METHODS[method], "inject"):  # not a peft method: the same modules, injected by hand
+            model = METHODS[method].inject(model, options, result)
+            continue
         config = METHODS[method].to_peft_config(options, PEFT_TASK_TYPES.get(result.task), result)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft warns about meta tensors and fan_in_fan_out; not ours to fix

@@ -163,6 +163,10 @@ BAD_INPUTS = [
     (["gpt2", "--ia3", "targets=wte"], "IA3 adapts Linear and Conv1D modules"),
     (["gpt2", "--ia3", "targets=nothing"], "match no module of GPT-2"),
     (["gpt2", "--ia3", "--lora", "r=2"], "one method to a model at a time"),
+    (["gpt2", "--adapter", "kind=compacter"], "kind must be one of pfeiffer, houlsby"),
+    (["gpt2", "--adapter", "bottleneck=0"], "bottleneck must be a positive integer"),
+    (["gpt2", "--adapter", "bottleneck=8,reduction=4"], "not both"),
+    (["gpt2", "--adapter", "cross=true"], "cross=true needs cross-attention"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Prompt tuning, prefix tuning, p-tuning and IA3 against peft on the meta-device model."""
+"""Prompt tuning, prefix tuning, p-tuning and IA3 against peft on the meta-device model (adapters too,
+in the random test, against modules injected into the meta model)."""
 
 import os
 
@@ -89,6 +90,8 @@ STRATEGY_SPECS = {
                          st.integers(1, 20), st.sampled_from(["mlp", "lstm"]), st.none() | st.integers(1, 32),
                          st.integers(1, 3)),
     "ia3": st.just("ia3"),
+    "adapter": st.builds(lambda k, b: f"adapter:kind={k}" + (f",bottleneck={b}" if b else ""),
+                         st.sampled_from(["pfeiffer", "houlsby"]), st.none() | st.integers(1, 16)),
 }
 EXAMPLES = int(os.environ.get("PARAMCALC_EXAMPLES", "200")) // 5
 

@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 from ..errors import ParamcalcError
-from . import ia3, lora, prefix, prompt, ptuning
+from . import adapter, ia3, lora, prefix, prompt, ptuning
 from .spec import parse_spec
 
-METHODS = {"lora": lora, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
+METHODS = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
 PEFT_CONFIG_CLASSES = {"LoraConfig": "lora", "PromptTuningConfig": "prompt", "PrefixTuningConfig": "prefix",
                        "PromptEncoderConfig": "ptuning", "IA3Config": "ia3"}
 

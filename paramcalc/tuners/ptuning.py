@@ -83,6 +83,7 @@ def to_peft_config(options: Options, task_type: str | None, result=None):
     import peft
 
     return peft.PromptEncoderConfig(num_virtual_tokens=options.tokens, task_type=task_type,
-                                    encoder_reparameterization_type=options.encoder.upper(),
+                                    encoder_reparameterization_type=peft.PromptEncoderReparameterizationType(
+                                        options.encoder.upper()),
                                     encoder_hidden_size=options.hidden, encoder_num_layers=options.layers,
                                     num_transformer_submodules=options.submodules)

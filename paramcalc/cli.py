@@ -61,12 +61,15 @@ def main():
               help="P-tuning (peft's prompt encoder): tokens=N[,encoder=mlp|lstm,hidden=H,layers=N].")
 @click.option("--ia3", metavar="SPEC", default=None, is_flag=False, flag_value="",
               help="IA3 with peft's defaults, or targets=...,ff=...")
+@click.option("--quant", metavar="TYPE", default=None,
+              help="Quantized base weights: nf4, fp4 or int8 [,double_quant=true,dtype=bf16]; adds bytes per "
+                   "component and the counts peft's print_trainable_parameters shows.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema paramcalc/1).")
 @click.option("--latex", is_flag=True, help="Print a LaTeX (booktabs) table.")
 @click.option("--verify", is_flag=True,
               help="Build the model on the meta device (and apply peft) and match every parameter to a row.")
-def count_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, as_json, latex,
-                  verify):
+def count_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, as_json,
+                  latex, verify):
     """Count the parameters of MODEL: a catalog name, a config.json, or a folder holding one.
 
     \b
@@ -74,6 +77,7 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
       paramcalc bert-base-uncased --task seq-cls --num-labels 3 --verify
       paramcalc bert-base-uncased --lora r=8
       paramcalc t5-small --task seq2seq-lm --prompt tokens=20
+      paramcalc bloom-560m --task causal-lm --quant nf4 --lora r=16
     """
     from . import configs
     from .counting import count
@@ -82,7 +86,7 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         parsed = dict(configs.parse_override(item) for item in overrides)
         given = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
         methods = [(name, spec) for name, spec in given.items() if spec is not None]
-        result = count(model, task=task, overrides=parsed, num_labels=num_labels, peft=methods or None)
+        result = count(model, task=task, overrides=parsed, num_labels=num_labels, peft=methods or None, quant=quant)
         verification = None
         if verify:
             from .verify import verify as run_verify

@@ -32,6 +32,7 @@ class CountResult:
     notes: list[str] = field(default_factory=list)
     peft: list = field(default_factory=list)  # PeftSummary per applied method
     peft_options: list = field(default_factory=list)  # (method, options), to rebuild the peft model
+    quant: object = None  # QuantSummary when --quant was given
 
     @property
     def values(self) -> dict[str, int]:
@@ -81,14 +82,20 @@ class CountResult:
                     "trainable": c.trainable,
                     "repeat": c.repeat_count,
                     "parameters": c.param,
+                    **({"bytes": c.weight_bytes} if c.weight_bytes is not None else {}),
                     **({"tied_to": c.tied_to} if c.tied_to else {}),
                 }
                 for c in self.components
             ],
             "peft": [p.to_dict() for p in self.peft],
-            "notes": self.notes + [n for p in self.peft for n in p.notes],
+            **({"quant": self.quant.to_dict(), "peft_print": self.quant.to_dict()["peft_print"]} if self.quant else {}),
+            "notes": self.all_notes(),
             "config_source": self.config_source,
         }
+
+    def all_notes(self) -> list[str]:
+        notes = self.notes + [n for p in self.peft for n in p.notes]
+        return notes + ([self.quant.explanation(self.total_params)] if self.quant else [])
 
     def to_json(self) -> str:
         import json
@@ -113,6 +120,7 @@ def count(
     num_labels: int | None = None,
     formulas: bool = True,
     peft=None,
+    quant=None,
 ) -> CountResult:
     """Count the parameters of ``model`` for ``task``.
 
@@ -121,6 +129,7 @@ def count(
     ``"package.module:factory"`` naming a function that returns a custom ``nn.Module``.
     ``overrides`` are config values to change (the CLI's ``--set KEY=VALUE``).
     ``peft`` is a peft config object (``LoraConfig(r=8)``), a ``"lora:r=8"`` spec, or a list of them.
+    ``quant`` is ``"nf4"``, ``"fp4"`` or ``"int8"`` (optionally ``"nf4,double_quant=true,dtype=bf16"``).
 
     >>> count("bert-base-uncased").total_params
     109482240
@@ -141,7 +150,7 @@ def count(
 
         config = configs.apply_overrides(resolved.config, overrides, config_keys(resolved.config))
         return _generic(resolved, config, task, f"no formula file for model_type "
-                        f"{resolved.config.get('model_type')!r}; counted on the meta device, without formulas", peft)
+                        f"{resolved.config.get('model_type')!r}; counted on the meta device, without formulas", peft, quant)
     overridden = configs.apply_overrides(resolved.config, overrides, family.known_keys())
     if task not in family.tasks:
         raise ParamcalcError(
@@ -151,7 +160,7 @@ def count(
     unsupported = families.unsupported_settings(family, config)
     if unsupported:
         return _generic(resolved, overridden, task, f"the {family.title} formula file does not model "
-                        f"{', '.join(unsupported)}; counted on the meta device, without formulas", peft)
+                        f"{', '.join(unsupported)}; counted on the meta device, without formulas", peft, quant)
     components = families.bind(family, task, config)
     values = families.symbol_values(family, config)
     result = CountResult(
@@ -165,6 +174,11 @@ def count(
         from .tuners import apply_all
 
         apply_all(result, methods)
+    if quant is not None:
+        from . import quant as quantization
+
+        options = quant if isinstance(quant, quantization.Options) else quantization.parse(quant)
+        result.quant = quantization.apply(result, options, family)
     if formulas:
         from .symbolic import attach_formulas
 
@@ -193,11 +207,13 @@ def _family_notes(family, original: dict, values: dict[str, int]) -> list[str]:
     return notes
 
 
-def _generic(resolved, config, task, why, peft=None) -> CountResult:
+def _generic(resolved, config, task, why, peft=None, quant=None) -> CountResult:
     from .generic import count_generic
 
     if tuners_normalise(peft):
         raise ParamcalcError(f"PEFT deltas need a formula file (bert, roberta, t5, gpt2, bloom); {why}")
+    if quant is not None:
+        raise ParamcalcError(f"--quant needs a formula file (bert, roberta, t5, gpt2, bloom); {why}")
     result = count_generic(config, task)
     result.model, result.config_source = resolved.name, resolved.source
     result.notes.insert(0, why)

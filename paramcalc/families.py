@@ -65,6 +65,7 @@ class Family:
     modules: tuple[ModuleSpec, ...]
     peft: dict  # peft's per-family defaults (LoRA/IA3 targets), from peft/utils/constants.py
     adapter_sites: tuple[dict, ...]  # where bottleneck adapters go (after attention / FFN / cross-attention)
+    quant: dict  # what transformers keeps unquantized for this family (_keep_in_fp32_modules)
     digest: str  # hash of the file text; keys the formula cache
 
     def known_keys(self) -> dict:
@@ -101,6 +102,7 @@ class Component:
     latex: str = ""
     args: dict = field(default_factory=dict)  # the primitive's symbolic arguments (in_features, ...)
     role: str | None = None
+    weight_bytes: int | None = None  # set by --quant: bytes as stored
 
     def numel_expression(self) -> str:
         """The count as one arithmetic expression, e.g. ``L*((H)*(H) + (H))``."""
@@ -166,7 +168,7 @@ def _parse(path: Path) -> Family:
         key_aliases=raw.get("key_aliases", {}),
         divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
         unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules), peft=raw.get("peft", {}),
-        adapter_sites=tuple(raw.get("adapter_sites", [])),
+        adapter_sites=tuple(raw.get("adapter_sites", [])), quant=raw.get("quant", {}),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
 

@@ -16,6 +16,13 @@ def used_symbols(result: CountResult) -> set[str]:
             for n in names(e)} if not result.generic else set()
 
 
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 def _share(count: int, total: int) -> str:
     return f"{100 * count / total:.2f} %" if total else "-"
 
@@ -34,12 +41,18 @@ def rich_report(result: CountResult):
     table.add_column("formula", style="cyan")
     table.add_column("count", justify="right")
     table.add_column("share", justify="right", style="dim")
+    if result.quant:
+        table.add_column("bytes", justify="right")
     for c in result.components:
         formula = c.formula or ("—" if result.generic else "")
         if c.tied_to:
             formula = "0 (tied)"
         trainable = "" if c.trainable else " [dim](frozen)[/dim]"
-        table.add_row(escape(c.name) + trainable, c.group, formula, f"{c.count:,}", _share(c.count, result.total_params))
+        cells = [escape(c.name) + trainable, c.group, formula, f"{c.count:,}", _share(c.count, result.total_params)]
+        if result.quant:
+            quantized = c.name in result.quant.quantized
+            cells.append(_bytes(c.weight_bytes) + (f" ({result.quant.options.type})" if quantized else ""))
+        table.add_row(*cells)
     total, trainable = result.total_params, result.trainable_params
     lines = [table]
     lines.append(Text.from_markup(
@@ -54,7 +67,12 @@ def rich_report(result: CountResult):
     if used:
         where = ", ".join(f"{s}={k}={v:,}" for s, (k, v, _doc) in result.symbols.items() if s in used)
         lines.append(Text(f"where {where}", style="dim"))
-    for note in result.notes + [n for p in result.peft for n in p.notes]:
+    if result.quant:
+        q = result.quant
+        lines.append(Text(f"{q.options.type} weights: {_bytes(q.weight_bytes)} as stored "
+                          f"({len(q.quantized)} quantized components, the rest {q.options.dtype}); "
+                          f"peft_print: trainable {q.peft_print[0]:,} || all {q.peft_print[1]:,}"))
+    for note in result.all_notes():
         lines.append(Text(f"note: {note}", style="yellow"))
     return Group(*lines)
 

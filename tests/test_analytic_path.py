@@ -14,10 +14,12 @@ import sys
 from click.testing import CliRunner
 from paramcalc.cli import main
 for args in (["bert-base-uncased"], ["t5-small", "--task", "seq2seq-lm", "--json"], ["gpt2", "--latex"], ["list"],
-             ["bert-base-uncased", "--lora", "r=8"], ["gpt2", "--task", "seq-cls", "--lora", "targets=all-linear,dora=true"]):
+             ["bert-base-uncased", "--lora", "r=8"], ["gpt2", "--task", "seq-cls", "--lora", "targets=all-linear,dora=true"],
+             ["t5-small", "--task", "seq2seq-lm", "--quant", "nf4", "--lora", "r=4"],
+             ["roberta-base", "--adapter", "kind=houlsby"], ["gpt2", "--prefix", "tokens=5"]):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-heavy = sorted(m for m in ("torch", "transformers", "peft", "accelerate") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "peft", "accelerate", "bitsandbytes") if m in sys.modules)
 print(",".join(heavy) or "none")
 """
 

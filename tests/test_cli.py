@@ -167,6 +167,10 @@ BAD_INPUTS = [
     (["gpt2", "--adapter", "bottleneck=0"], "bottleneck must be a positive integer"),
     (["gpt2", "--adapter", "bottleneck=8,reduction=4"], "not both"),
     (["gpt2", "--adapter", "cross=true"], "cross=true needs cross-attention"),
+    (["gpt2", "--quant", "int4"], "type must be one of nf4, fp4, int8, got 'int4'"),
+    (["gpt2", "--quant", "int8,double_quant=true"], "double_quant applies to nf4/fp4"),
+    (["gpt2", "--quant", "nf4,dtype=fp8"], "dtype must be one of fp32, fp16, bf16"),
+    (["{tmp}/distil", "--quant", "nf4"], "--quant needs a formula file"),
 ]
 
 

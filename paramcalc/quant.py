@@ -1,0 +1,143 @@
+"""Quantized weights (bitsandbytes, as transformers loads them): bytes per component, and the
+parameter counts people see printed for a quantized model.
+
+The real parameter count does not change. What changes:
+
+- storage: a 4-bit weight (nf4/fp4) packs two values per byte and keeps one absmax per block of 64
+  (fp32; with double_quant a uint8 per block plus a second-level fp32 per 256 blocks, its 256-entry
+  code and an offset), plus its 16-entry fp32 code; an int8 weight keeps one byte per value and an
+  fp32 scale per output row (LLM.int8, Dettmers et al. 2022, arXiv:2208.07339; QLoRA, Dettmers et al.
+  2023, arXiv:2305.14314);
+- printed counts: a 4-bit weight is stored as a uint8 tensor of ceil(n/2) elements, so
+  ``sum(p.numel() for p in model.parameters())`` shows about half of each quantized weight; peft's
+  ``print_trainable_parameters`` multiplies those by 2, which gives the real count (one more for a
+  weight with an odd number of elements).
+
+Which modules transformers quantizes (``quantizers/base.py: get_keys_to_not_convert``): every Linear and
+Conv1D except the output embedding, tied weights, the module of the model's last parameter when that
+parameter is a weight, and the model's ``_keep_in_fp32_modules`` (T5's ``wo``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from . import expr
+from .errors import ParamcalcError
+
+TYPES = ("nf4", "fp4", "int8")
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # torch.float32 / float16 / bfloat16 element sizes
+BLOCK = 64  # bitsandbytes' 4-bit blocksize (Params4bit default)
+NESTED_BLOCK = 256  # double quantization's second-level blocksize
+CODE_4BIT = 16 * 4  # the 16-entry fp32 nf4/fp4 code of every quantized weight
+CODE_NESTED = 256 * 4 + 4  # double quantization's 256-entry fp32 code and its fp32 offset
+
+
+@dataclass
+class Options:
+    type: str = field(default="nf4", metadata={"help": "nf4 | fp4 | int8"})
+    double_quant: bool = field(default=False, metadata={"help": "bnb_4bit_use_double_quant (QLoRA)"})
+    dtype: str = field(default="fp32", metadata={"help": "dtype of the weights left unquantized: fp32|fp16|bf16"})
+
+    def __post_init__(self):
+        self.type, self.dtype = self.type.lower(), self.dtype.lower()
+        if self.type not in TYPES:
+            raise ParamcalcError(f"--quant: type must be one of {', '.join(TYPES)}, got {self.type!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ParamcalcError(f"--quant: dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.double_quant and self.type == "int8":
+            raise ParamcalcError("--quant: double_quant applies to nf4/fp4, not int8")
+
+
+def parse(spec: str) -> Options:
+    """``nf4`` or ``nf4,double_quant=true,dtype=bf16``: a bare first item is the type."""
+    from .tuners.spec import parse_spec
+
+    spec = spec.strip()
+    first, _, rest = spec.partition(",")
+    if first and "=" not in first:
+        spec = f"type={first}" + (f",{rest}" if rest else "")
+    return parse_spec("--quant", spec, Options)
+
+
+def weight_bytes(numel: int, rows: int, options: Options) -> int:
+    """Bytes bitsandbytes stores for one quantized weight of ``numel`` values and ``rows`` output rows."""
+    if options.type == "int8":
+        return numel + 4 * rows  # int8 values + fp32 row scales (SCB)
+    blocks = -(-numel // BLOCK)
+    packed = -(-numel // 2)
+    if options.double_quant:
+        stats = blocks + 4 * -(-blocks // NESTED_BLOCK) + CODE_NESTED
+    else:
+        stats = 4 * blocks
+    return packed + stats + CODE_4BIT
+
+
+@dataclass
+class QuantSummary:
+    options: Options
+    quantized: list[str]  # component names whose weights are quantized
+    weight_bytes: int  # all parameters, quantized or not
+    peft_print: tuple[int, int]  # (trainable, all) as peft's print_trainable_parameters shows them
+    numel_sum: int  # sum(p.numel()) over the quantized model
+
+    def to_dict(self) -> dict:
+        return {**asdict(self.options), "quantized_components": self.quantized, "weight_bytes": self.weight_bytes,
+                "peft_print": {"trainable": self.peft_print[0], "all": self.peft_print[1]},
+                "numel_sum": self.numel_sum}
+
+    def explanation(self, total: int) -> str:
+        if self.options.type == "int8":
+            return ("int8 weights keep one element per value, so printed counts equal the real count "
+                    f"{total:,}")
+        return (f"peft's print_trainable_parameters (and transformers' num_parameters) show all params: "
+                f"{self.peft_print[1]:,}: they double each packed 4-bit tensor, one more than the real count for "
+                "each odd-sized weight; "
+                f"sum(p.numel()) over the quantized model shows {self.numel_sum:,}, because bitsandbytes stores "
+                f"two 4-bit values per uint8 element; the real count is {total:,}")
+
+
+def apply(result, options: Options, family) -> QuantSummary:
+    values = result.values
+    base = [c for c in result.components if c.group != "peft"]
+    last = next((c for c in reversed(base) if c.kind != "tied"), None)
+    keep = set(family.quant.get("keep_fp32", []))
+    quantized, extra_print, packed_saving, total_bytes = [], 0, 0, 0
+    for component in result.components:
+        per_numel = {s: _numel(shape, values) for s, shape in component.shapes.items()}
+        dtype_bytes = sum(per_numel.values()) * component.repeat_count * DTYPE_BYTES[options.dtype]
+        component.weight_bytes = dtype_bytes
+        if not _quantizable(component, last, keep):
+            total_bytes += dtype_bytes
+            continue
+        n = per_numel["weight"]
+        rows = expr.evaluate(component.args["out_features"], values)
+        bias = per_numel.get("bias", 0) * DTYPE_BYTES[options.dtype]
+        component.weight_bytes = component.repeat_count * (weight_bytes(n, rows, options) + bias)
+        total_bytes += component.weight_bytes
+        quantized.append(component.name)
+        if options.type != "int8":
+            extra_print += component.repeat_count * (2 * -(-n // 2) - n)
+            packed_saving += component.repeat_count * (n - -(-n // 2))
+    if not quantized:
+        raise ParamcalcError("--quant: this model has no Linear or Conv1D weights that transformers would "
+                             "quantize")
+    total, trainable = result.total_params, result.trainable_params
+    return QuantSummary(options, quantized, total_bytes, (trainable, total + extra_print), total - packed_saving)
+
+
+def _quantizable(component, last, keep) -> bool:
+    if component.group == "peft" or component.kind not in ("linear", "conv1d"):
+        return False
+    if component.role == "output-embedding":
+        return False
+    if component is last and "bias" not in component.shapes:  # the last parameter is this module's weight
+        return False
+    return not any(component.param == k or component.param.endswith(f".{k}") for k in keep)
+
+
+def _numel(shape, values) -> int:
+    n = 1
+    for d in shape:
+        n *= expr.evaluate(d, values)
+    return n

@@ -15,6 +15,23 @@ def test_table_shows_components_formulas_and_totals(cli):
         assert text in out, text
 
 
+def test_headline_lora_command(cli):
+    result = cli("bert-base-uncased", "--lora", "r=8")
+    assert result.exit_code == 0
+    assert "trainable params: 294,912 || all params: 109,777,152 || trainable%: 0.2686" in result.stdout
+    assert "LoRA attention query" in result.stdout and "2*H*L*r" in result.stdout
+
+
+def test_peft_json_document(cli):
+    doc = json.loads(cli("t5-small", "--task", "seq2seq-lm", "--quant", "nf4", "--lora", "r=8", "--json").stdout)
+    assert doc["trainable_params"] == 294_912
+    assert doc["peft"][0]["method"] == "lora" and doc["peft"][0]["added_params"] == 294_912
+    assert doc["peft_print"] == {"trainable": 294_912, "all": doc["total_params"]}  # t5-small: no odd weights
+    assert sum(c["count"] for c in doc["components"]) == doc["total_params"]
+    assert all("bytes" in c for c in doc["components"])
+    assert {c["group"] for c in doc["components"] if c["name"].startswith("LoRA")} == {"peft"}
+
+
 def test_json_schema_and_components_sum_to_total(cli):
     result = cli("google-bert/bert-base-uncased", "--task", "seq-cls", "--num-labels", "3", "--json")
     assert result.exit_code == 0

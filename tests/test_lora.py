@@ -5,6 +5,7 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import STRATEGIES, tasks
 
 import paramcalc
 
@@ -101,39 +102,36 @@ EXAMPLES = int(os.environ.get("PARAMCALC_EXAMPLES", "200")) // 5  # 40 by defaul
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("PARAMCALC_EXAMPLES"))
 @given(
-    model=st.sampled_from(["bert-base-uncased", "roberta-base", "gpt2", "bloom-560m", "t5-small", "t5-v1_1-small"]),
+    family=st.sampled_from(sorted(STRATEGIES)),
     data=st.data(),
     r=st.integers(1, 64),
     bias=st.sampled_from(["none", "all", "lora_only"]),
     dora=st.booleans(),
-    layers=st.integers(1, 3),
 )
-def test_random_lora_matches_peft(model, data, r, bias, dora, layers, matches_peft):
-    family = paramcalc.count(model, formulas=False).family
-    task = data.draw(st.sampled_from(sorted(__import__("paramcalc").families.families()[family].tasks)))
+def test_random_lora_matches_peft(family, data, r, bias, dora, matches_peft):
+    config = data.draw(STRATEGIES[family], label="config")
+    task = data.draw(tasks(family), label="task")
     names = {"bert": ["query", "key", "value", "dense", "word_embeddings"], "gpt2": ["c_attn", "c_proj", "c_fc", "wte"],
              "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
              "t5": ["q", "k", "v", "o", "wo", "shared"]}[{"roberta": "bert"}.get(family, family)]
     targets = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True) | st.just(["all-linear"]))
-    layer_key = {"bert": "num_hidden_layers", "roberta": "num_hidden_layers", "gpt2": "n_layer", "bloom": "n_layer",
-                 "t5": "num_layers"}[family]
     spec = f"r={r},bias={bias},dora={dora},targets={','.join(targets)}"
     try:
-        result = paramcalc.count(model, task=task, overrides={layer_key: layers}, peft=f"lora:{spec}", formulas=False)
+        result = paramcalc.count(config, task=task, peft=f"lora:{spec}", formulas=False)
     except paramcalc.ParamcalcError:  # paramcalc refuses only what peft itself cannot do
-        assert_peft_refuses(model, task, {layer_key: layers}, spec)
+        assert_peft_refuses(config, task, spec)
         return
     matches_peft(result)
 
 
-def assert_peft_refuses(model, task, overrides, spec):
+def assert_peft_refuses(model, task, spec):
     import peft
 
     from paramcalc.meta import build_meta_model
     from paramcalc.tuners import lora, parse
     from paramcalc.tuners.common import PEFT_TASK_TYPES
 
-    base = paramcalc.count(model, task=task, overrides=overrides, formulas=False)
+    base = paramcalc.count(model, task=task, formulas=False)
     meta_model = build_meta_model(base.config, class_name=base.hf_class)
     config = lora.to_peft_config(parse("lora", spec), PEFT_TASK_TYPES.get(task))
     with pytest.raises(Exception):

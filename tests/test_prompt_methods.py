@@ -6,9 +6,9 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import STRATEGIES, tasks
 
 import paramcalc
-from paramcalc import families
 
 CASES = [
     ("bert-base-uncased", "base", "prompt:tokens=20"),
@@ -97,11 +97,9 @@ EXAMPLES = int(os.environ.get("PARAMCALC_EXAMPLES", "200")) // 5
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("PARAMCALC_EXAMPLES"))
-@given(model=st.sampled_from(["bert-base-uncased", "roberta-base", "gpt2", "bloom-560m", "t5-small"]),
-       method=st.sampled_from(sorted(STRATEGY_SPECS)), layers=st.integers(1, 3), data=st.data())
-def test_random_prompt_methods_match_peft(model, method, layers, data, matches_peft):
-    family = paramcalc.count(model, formulas=False).family
-    task = data.draw(st.sampled_from(sorted(families.families()[family].tasks)))
-    spec = data.draw(STRATEGY_SPECS[method])
-    key = {"bert": "num_hidden_layers", "roberta": "num_hidden_layers", "t5": "num_layers"}.get(family, "n_layer")
-    matches_peft(paramcalc.count(model, task=task, overrides={key: layers}, peft=spec, formulas=False))
+@given(family=st.sampled_from(sorted(STRATEGIES)), method=st.sampled_from(sorted(STRATEGY_SPECS)), data=st.data())
+def test_random_prompt_methods_match_peft(family, method, data, matches_peft):
+    config = data.draw(STRATEGIES[family], label="config")
+    task = data.draw(tasks(family), label="task")
+    spec = data.draw(STRATEGY_SPECS[method], label="spec")
+    matches_peft(paramcalc.count(config, task=task, peft=spec, formulas=False))

@@ -41,29 +41,72 @@ def main():
     """
 
 
+PEFT_METHODS = ("lora", "adapter", "prompt", "prefix", "ptuning", "ia3")
+
+
+def model_options(command):
+    """MODEL and what shapes it: task, config overrides, PEFT methods, quantization (count and trace share them)."""
+    options = [
+        click.argument("model"),
+        click.option("--task", type=click.Choice(TASKS), default="base", show_default=True,
+                     help="Which head: base is the bare backbone AutoModel builds."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config value (repeatable), e.g. --set num_hidden_layers=6."),
+        click.option("--num-labels", type=int, default=None, help="Labels of a seq-cls/token-cls head (default 2)."),
+        click.option("--lora", metavar="SPEC", default=None,
+                     help="LoRA, e.g. r=8 or r=4,targets=c_attn,c_proj,bias=all (keys: r, alpha, dropout, targets, "
+                          "bias, modules_to_save, dora)."),
+        click.option("--adapter", metavar="SPEC", default=None, is_flag=False, flag_value="",
+                     help="Bottleneck adapters (AdapterHub): kind=pfeiffer|houlsby[,bottleneck=N|reduction=F,"
+                          "cross=true]."),
+        click.option("--prompt", metavar="SPEC", default=None, help="Prompt tuning: tokens=N[,submodules=1|2]."),
+        click.option("--prefix", metavar="SPEC", default=None,
+                     help="Prefix tuning: tokens=N[,projection=true,hidden=H]."),
+        click.option("--ptuning", metavar="SPEC", default=None,
+                     help="P-tuning (peft's prompt encoder): tokens=N[,encoder=mlp|lstm,hidden=H,layers=N]."),
+        click.option("--ia3", metavar="SPEC", default=None, is_flag=False, flag_value="",
+                     help="IA3 with peft's defaults, or targets=...,ff=..."),
+        click.option("--quant", metavar="TYPE", default=None,
+                     help="Quantized base weights: nf4, fp4 or int8 [,double_quant=true,dtype=bf16]; adds bytes per "
+                          "component and the counts peft's print_trainable_parameters shows."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def step_options(command):
+    """The training step: batch, lengths, precision, optimizer, attention kernel, checkpointing."""
+    options = [
+        click.option("--batch", type=int, default=1, show_default=True, help="Sequences per step."),
+        click.option("--seq", type=int, default=128, show_default=True, help="Tokens per sequence."),
+        click.option("--tgt-seq", type=int, default=None, help="Target length of an encoder-decoder (default: --seq)."),
+        click.option("--dtype", type=click.Choice(("fp32", "fp16", "bf16")), default="fp32", show_default=True,
+                     help="Parameter dtype."),
+        click.option("--mixed-precision", type=click.Choice(("fp16", "bf16")), default=None,
+                     help="Autocast compute with fp32 master weights."),
+        click.option("--optimizer", default="adamw", show_default=True,
+                     help="adamw, adam, sgd, sgd-momentum, adamw-8bit or adafactor."),
+        click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass."),
+        click.option("--attention", type=click.Choice(("eager", "sdpa", "flash")), default="eager",
+                     show_default=True, help="eager keeps the s x s attention probabilities; fused kernels do not."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _count(model, task, overrides, num_labels, quant, methods):
+    from . import configs
+    from .counting import count
+
+    parsed = dict(configs.parse_override(item) for item in overrides)
+    chosen = [(name, spec) for name, spec in methods.items() if spec is not None]
+    return count(model, task=task, overrides=parsed, num_labels=num_labels, peft=chosen or None, quant=quant)
+
+
 @main.command("count")
-@click.argument("model")
-@click.option("--task", type=click.Choice(TASKS), default="base", show_default=True,
-              help="Which head: base is the bare backbone AutoModel builds.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config value (repeatable), e.g. --set num_hidden_layers=6.")
-@click.option("--num-labels", type=int, default=None, help="Labels of a seq-cls/token-cls head (default 2).")
-@click.option("--lora", metavar="SPEC", default=None,
-              help="LoRA, e.g. r=8 or r=4,targets=c_attn,c_proj,bias=all (keys: r, alpha, dropout, targets, "
-                   "bias, modules_to_save, dora).")
-@click.option("--adapter", metavar="SPEC", default=None, is_flag=False, flag_value="",
-              help="Bottleneck adapters (AdapterHub): kind=pfeiffer|houlsby[,bottleneck=N|reduction=F,cross=true].")
-@click.option("--prompt", metavar="SPEC", default=None,
-              help="Prompt tuning: tokens=N[,submodules=1|2].")
-@click.option("--prefix", metavar="SPEC", default=None,
-              help="Prefix tuning: tokens=N[,projection=true,hidden=H].")
-@click.option("--ptuning", metavar="SPEC", default=None,
-              help="P-tuning (peft's prompt encoder): tokens=N[,encoder=mlp|lstm,hidden=H,layers=N].")
-@click.option("--ia3", metavar="SPEC", default=None, is_flag=False, flag_value="",
-              help="IA3 with peft's defaults, or targets=...,ff=...")
-@click.option("--quant", metavar="TYPE", default=None,
-              help="Quantized base weights: nf4, fp4 or int8 [,double_quant=true,dtype=bf16]; adds bytes per "
-                   "component and the counts peft's print_trainable_parameters shows.")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema paramcalc/1).")
 @click.option("--latex", is_flag=True, help="Print a LaTeX (booktabs) table.")
 @click.option("--verify", is_flag=True,
@@ -79,14 +122,10 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
       paramcalc t5-small --task seq2seq-lm --prompt tokens=20
       paramcalc bloom-560m --task causal-lm --quant nf4 --lora r=16
     """
-    from . import configs
-    from .counting import count
-
     try:
-        parsed = dict(configs.parse_override(item) for item in overrides)
-        given = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning, "ia3": ia3}
-        methods = [(name, spec) for name, spec in given.items() if spec is not None]
-        result = count(model, task=task, overrides=parsed, num_labels=num_labels, peft=methods or None, quant=quant)
+        methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,
+                   "ia3": ia3}
+        result = _count(model, task, overrides, num_labels, quant, methods)
         verification = None
         if verify:
             from .verify import verify as run_verify
@@ -163,3 +202,47 @@ def list_command(as_json):
     for row in rows:
         table.add_row(row["name"], row["hub_id"], row["family"], f"{row['params']:,}")
     Console().print(table)
+
+
+@main.command("trace")
+@model_options
+@step_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def trace_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, batch, seq,
+                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention, as_json):
+    """Run one real training step of MODEL on fake tensors and measure its memory and FLOPs.
+
+    Fake tensors have shapes but no data: any size runs in seconds, in no memory. The step's
+    live-tensor peak is split into parameters, gradients, optimizer state, activations and
+    transient buffers, next to paramcalc's analytic model states and FLOPs.
+
+    \b
+    Example:
+      paramcalc trace bert-base-uncased --task seq-cls --batch 8 --seq 128
+      paramcalc trace gpt2 --task causal-lm --lora r=8 --mixed-precision bf16 --json
+    """
+    from .step import Step
+
+    try:
+        methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,
+                   "ia3": ia3}
+        result = _count(model, task, overrides, num_labels, quant, methods)
+        step = Step(batch=batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype, mixed_precision=mixed_precision,
+                    optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention)
+        from .report import trace_comparison
+        from .trace import trace_step
+
+        report = trace_step(result, step)
+        comparison = trace_comparison(result, step, report)
+    except ParamcalcError as exc:
+        raise InputError(str(exc)) from None
+    if as_json:
+        import json
+
+        click.echo(json.dumps(comparison, indent=2))
+        return
+    from rich.console import Console
+
+    from .report import trace_table
+
+    Console().print(trace_table(result, comparison))

@@ -45,6 +45,7 @@ class ModuleSpec:
     unless: dict = field(default_factory=dict)
     tied_to: str | None = None
     role: str | None = None  # "output-embedding": the LM head peft's all-linear leaves alone
+    tokens: str | None = None  # token positions per step when not the part's (cross-attention keys/values)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class Family:
     peft: dict  # peft's per-family defaults (LoRA/IA3 targets), from peft/utils/constants.py
     adapter_sites: tuple[dict, ...]  # where bottleneck adapters go (after attention / FFN / cross-attention)
     quant: dict  # what transformers keeps unquantized for this family (_keep_in_fp32_modules)
+    tokens: dict  # part -> token positions it processes per step ("b*s"), for FLOPs and activations
+    attention: tuple[dict, ...]  # attention cores: heads, head_dim, q_len, k_len, repeat
+    attention_kernels: tuple[str, ...]  # eager / sdpa / flash: what transformers can run for this family
+    buffers: tuple[dict, ...]  # non-parameter tensors the model holds (name, shape, bytes per element)
     digest: str  # hash of the file text; keys the formula cache
 
     def known_keys(self) -> dict:
@@ -102,6 +107,8 @@ class Component:
     latex: str = ""
     args: dict = field(default_factory=dict)  # the primitive's symbolic arguments (in_features, ...)
     role: str | None = None
+    part: str = ""  # the family part it belongs to (tokens per step are declared per part)
+    tokens: str | None = None  # its own token count per step, when it differs from its part's
     weight_bytes: int | None = None  # set by --quant: bytes as stored
 
     def numel_expression(self) -> str:
@@ -153,7 +160,7 @@ def _parse(path: Path) -> Family:
             ModuleSpec(
                 name=m["name"], group=m["group"], kind=m["kind"], part=m["part"], param=m["param"],
                 shape=m.get("shape", {}), repeat=str(m.get("repeat", "1")), when=m.get("when", {}),
-                unless=m.get("unless", {}), tied_to=m.get("tied_to"), role=m.get("role"),
+                unless=m.get("unless", {}), tied_to=m.get("tied_to"), role=m.get("role"), tokens=m.get("tokens"),
             )
         )
     tasks = {
@@ -169,6 +176,8 @@ def _parse(path: Path) -> Family:
         divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
         unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules), peft=raw.get("peft", {}),
         adapter_sites=tuple(raw.get("adapter_sites", [])), quant=raw.get("quant", {}),
+        tokens=raw.get("tokens", {}), attention=tuple(raw.get("attention", [])),
+        attention_kernels=tuple(raw.get("attention_kernels", ["eager"])), buffers=tuple(raw.get("buffers", [])),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
 
@@ -176,7 +185,8 @@ def _parse(path: Path) -> Family:
 def _inherit(parent: dict, child: dict) -> dict:
     """Child keys win; modules of the parts the child drops are replaced by the child's."""
     merged = {**parent, **child}
-    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported", "peft"):
+    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens"):
+        # (buffers, attention cores and adapter sites are lists: the child's replace the parent's if given)
         merged[table] = {**parent.get(table, {}), **child.get(table, {})}
     dropped = set(child.get("drop_parts", []))
     merged["modules"] = [m for m in parent["modules"] if m["part"] not in dropped] + child.get("modules", [])
@@ -274,7 +284,7 @@ def bind(family: Family, task_name: str, config: dict) -> list[Component]:
                 name=spec.name, group=spec.group, kind=spec.kind, repeat=spec.repeat,
                 repeat_count=repeat_count, shapes=shapes, param=prefix + spec.param,
                 count=repeat_count * per_module, tied_to=spec.tied_to, args=dict(spec.shape),
-                role=spec.role,
+                role=spec.role, part=spec.part, tokens=spec.tokens,
             )
         )
     return components

@@ -6,6 +6,8 @@ and the generic counter both go through it.
 
 from __future__ import annotations
 
+import logging
+
 from .errors import ParamcalcError
 
 AUTO_CLASSES = {
@@ -23,6 +25,8 @@ def hf_config(config: dict):
     import transformers
 
     transformers.logging.set_verbosity_error()  # token-id range warnings are noise for counting
+    # peft imports bitsandbytes when installed, which warns about optional CPU kernels it cannot fetch
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     model_type = config.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
         import difflib

@@ -126,3 +126,67 @@ def latex_table(result: CountResult) -> str:
         r"\end{table}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def trace_comparison(result, step, report) -> dict:
+    """The traced step next to paramcalc's analytic figures, with relative errors (raw numbers only)."""
+    from dataclasses import asdict
+
+    from .errors import ParamcalcError
+    from .flops import step_flops
+    from .memory import model_states
+
+    states = model_states(result, step)
+    analytic = {"model_states": states.to_dict(), "flops": None}
+    notes = list(report.notes)
+    try:
+        analytic["flops"] = step_flops(result, step).to_dict()
+    except ParamcalcError as exc:
+        notes.append(str(exc))
+    traced_states = {"weights": report.after_step["parameters"], "gradients": report.after_step["gradients"],
+                     "optimizer": report.after_step["optimizer"]}
+    errors = {k: _relative(states.to_dict()[k], v) for k, v in traced_states.items()}
+    if analytic["flops"]:
+        errors.update({f"flops_{k}": _relative(analytic["flops"][k], report.flops[k])
+                       for k in ("forward", "backward", "total")})
+    return {"model": result.model, "task": result.task, "step": asdict(step), "traced": report.to_dict(),
+            "analytic": analytic, "relative_error": errors, "notes": notes}
+
+
+def _relative(predicted: int, measured: int) -> float:
+    return 0.0 if predicted == measured else (predicted - measured) / measured if measured else float("inf")
+
+
+def trace_table(result, comparison: dict):
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    traced, analytic = comparison["traced"], comparison["analytic"]
+    step = comparison["step"]
+    title = escape(f"{result.model} · {traced['model_class']} · one training step, batch {step['batch']} x "
+                   f"seq {step['seq']}, {step['mixed_precision'] or step['dtype']}, {step['optimizer']}")
+    table = Table(title=title, title_justify="left")
+    for column in ("memory", "traced at peak", "traced after step", "analytic", "error"):
+        table.add_column(column, justify="left" if column == "memory" else "right")
+    rows = (("weights", "parameters"), ("gradients", "gradients"), ("optimizer", "optimizer"),
+            ("activations", "activations"), ("transient", "transient"))
+    errors = comparison["relative_error"]
+    for name, category in rows:
+        predicted = analytic["model_states"].get(name)
+        table.add_row(name, _bytes(traced["at_peak"][category]), _bytes(traced["after_step"][category]),
+                      _bytes(predicted) if predicted is not None else "—",
+                      f"{100 * errors[name]:+.2f} %" if name in errors else "—")
+    table.add_row("[bold]peak[/bold]", f"[bold]{_bytes(traced['peak'])}[/bold]", "", "",
+                  f"during {traced['phase_of_peak']}")
+    flops = Table(title="FLOPs (matmuls, as torch.utils.flop_counter counts them)", title_justify="left")
+    for column in ("", "traced", "analytic", "error"):
+        flops.add_column(column, justify="right")
+    for key in ("forward", "backward", "optimizer", "total"):
+        predicted = (analytic["flops"] or {}).get(key)
+        error = errors.get(f"flops_{key}")
+        flops.add_row(key, f"{traced['flops'][key]:,}", f"{predicted:,}" if predicted is not None else "—",
+                      f"{100 * error:+.2f} %" if error is not None else "—")
+    notes = [Text(f"note: {n}", style="yellow") for n in comparison["notes"]]
+    return Group(table, flops, *notes)

@@ -1,0 +1,107 @@
+"""Memory of a training step, analytically: the model states first.
+
+Weights, gradients and optimizer state follow from the parameter counts and the step's precision:
+
+- weights: every parameter at the step's dtype (fp32 master weights under mixed precision), plus the
+  model's buffers;
+- gradients: one per trainable parameter, in the parameter's dtype;
+- optimizer state, per trainable parameter (torch.optim and the cited libraries): Adam/AdamW two
+  moments (exp_avg, exp_avg_sq) in the parameter's dtype plus a 4-byte ``step`` per parameter tensor;
+  SGD with momentum one buffer; plain SGD none; 8-bit AdamW (bitsandbytes) two 1-byte moments; Adafactor
+  (Shazeer & Stern 2018, arXiv:1804.04235) factored second moments, a row and a column vector per matrix.
+- optimizer transient: torch's single-tensor Adam/AdamW builds two temporaries the size of the
+  parameter it updates, so the largest trainable tensor sets it.
+
+Activations and the other transient peaks are the next layer of this model (not here yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import expr
+from .families import concrete_parameters, families
+from .step import Step
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+STEP_COUNTER_BYTES = 4  # torch.optim Adam/AdamW keep `step` as a float32 scalar tensor per parameter
+
+
+@dataclass
+class ModelStates:
+    weights: int
+    gradients: int
+    optimizer: int
+    optimizer_transient: int
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                "optimizer_transient": self.optimizer_transient}
+
+
+def parameter_tensors(result, width: int) -> list[tuple[str, int, bool, int]]:
+    """(name, numel, trainable, bytes per element) for every parameter tensor of the model.
+
+    peft keeps the weights it adds in fp32 even on a half-precision model (``autocast_adapter_dtype``);
+    the trainable copies of saved modules keep the module's dtype.
+    """
+    values = result.values
+    tensors = []
+    for component in result.components:
+        own = 4 if component.group == "peft" and "modules_to_save" not in component.name else width
+        for name, shape in concrete_parameters(component, values).items():
+            numel = 1
+            for d in shape:
+                numel *= d
+            tensors.append((name, numel, component.trainable, own))
+    return tensors
+
+
+def buffer_bytes(result) -> int:
+    family = families()[result.family]
+    parts = family.tasks[result.task].parts
+    total = 0
+    for buffer in family.buffers:
+        if buffer["part"] in parts:
+            numel = 1
+            for d in buffer["shape"]:
+                numel *= expr.evaluate(d, result.values)
+            total += numel * buffer["bytes"]
+    return total
+
+
+def model_states(result, step: Step) -> ModelStates:
+    width = DTYPE_BYTES[step.dtype]  # mixed precision keeps fp32 parameters (step.dtype is fp32 then)
+    tensors = parameter_tensors(result, width)
+    trainable = [(numel, size) for _, numel, train, size in tensors if train]
+    weights = sum(numel * size for _, numel, _, size in tensors) + buffer_bytes(result)
+    gradients = sum(numel * size for numel, size in trainable)  # a gradient has its parameter's dtype
+    optimizer, transient = _optimizer_bytes(step.optimizer, trainable, result)
+    return ModelStates(weights, gradients, optimizer, transient)
+
+
+def _optimizer_bytes(name: str, trainable: list[tuple[int, int]], result) -> tuple[int, int]:
+    """(state bytes, transient bytes of the update) for (numel, bytes per element) trainable tensors."""
+    state = sum(numel * size for numel, size in trainable)
+    largest = max((numel * size for numel, size in trainable), default=0)
+    if name in ("adamw", "adam"):  # exp_avg + exp_avg_sq, a step counter per tensor
+        return 2 * state + STEP_COUNTER_BYTES * len(trainable), 2 * largest
+    if name == "sgd-momentum":  # one momentum buffer
+        return state, 0
+    if name == "sgd":
+        return 0, 0
+    if name == "adamw-8bit":  # bitsandbytes: two uint8 moments + an fp32 absmax per 2048-value block
+        blocks = sum(-(-numel // 2048) for numel, _ in trainable)
+        return 2 * sum(numel for numel, _ in trainable) + 2 * 4 * blocks, 0
+    if name == "adafactor":  # a row and a column second-moment vector per matrix, a full one per vector
+        return _adafactor(result), 0
+    raise ValueError(name)
+
+
+def _adafactor(result) -> int:
+    total = 0
+    for component in result.components:
+        if component.trainable:
+            for shape in concrete_parameters(component, result.values).values():
+                total += (shape[0] + shape[1] if len(shape) == 2 else shape[0]) * 4  # fp32 factors
+    return total

@@ -1,0 +1,278 @@
+"""``paramcalc trace``: run one real training step under FakeTensorMode and measure it.
+
+Fake tensors carry shapes and dtypes but no data, so any model size runs here in seconds and no memory.
+A TorchDispatchMode sees every tensor the step creates and follows its storage until it is freed; the
+peak of live bytes is split by what the storages were: parameters (and buffers), gradients, optimizer
+state, activations saved by the forward pass, and transient buffers. ``FlopCounterMode`` counts the
+matmul FLOPs at the same time.
+
+(torch's own ``mem_tracker`` fails when parameters are frozen, as with PEFT; tracking storages works for
+any model.) On this CPU build, ``--attention sdpa|flash`` runs torch's fused CPU kernel; it is only taken
+without attention dropout, so the tracer sets attention dropout to 0 for those runs, as fused GPU
+kernels would not keep a dropout mask either. Its FLOPs are counted with torch's fused-attention formulas.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from .errors import ParamcalcError
+from .step import Step, check_fits_model
+
+CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "transient")
+ATTENTION_DROPOUT_KEYS = {"bert": ("attention_probs_dropout_prob",), "roberta": ("attention_probs_dropout_prob",),
+                          "gpt2": ("attn_pdrop",)}  # the families with an sdpa path
+
+
+@dataclass
+class TraceReport:
+    model_class: str
+    peak: int
+    at_peak: dict[str, int]
+    after_step: dict[str, int]  # what stays alive after optimizer.step(): the model states
+    flops: dict[str, int]
+    phase_of_peak: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"model_class": self.model_class, "peak": self.peak, "at_peak": self.at_peak,
+                "after_step": self.after_step, "flops": self.flops,
+                "phase_of_peak": self.phase_of_peak, "notes": self.notes}
+
+
+def _live_storage_tracker():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveStorages(TorchDispatchMode):
+        """Bytes of every storage created while active, until Python frees it."""
+
+        def __init__(self):
+            super().__init__()
+            self.live: dict[int, tuple[int, str, weakref.ref]] = {}
+            self.current = self.peak = 0
+            self.phase = "setup"
+            self.snapshot: list[tuple[int, str, weakref.ref]] = []
+            self.peak_phase = ""
+
+        def track(self, tensor, phase=None):
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in self.live:
+                return
+            size = storage.nbytes()
+            self.live[key] = (size, phase or self.phase, weakref.ref(storage))
+            weakref.finalize(storage, self._free, key, size)
+            self.current += size
+            if self.current > self.peak:
+                self.peak, self.peak_phase = self.current, self.phase
+                self.snapshot = list(self.live.values())
+
+        def _free(self, key, size):
+            if self.live.pop(key, None) is not None:
+                self.current -= size
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for item in tree_flatten(out)[0]:
+                if isinstance(item, torch.Tensor):
+                    self.track(item)
+            return out
+
+    return LiveStorages()
+
+
+def _cpu_fused_attention_formulas():
+    """torch counts the fused CUDA attention kernels; give its CPU kernel the same formulas."""
+    import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    mapping = {}
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    # custom_mapping functions receive shapes (FlopCounterMode wraps them), like torch's own formulas
+    if forward is not None:
+        mapping[forward] = lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v)
+    if backward is not None:
+        mapping[backward] = lambda grad, q, k, v, *args, out_shape=None, **kwargs: (
+            flop_counter.sdpa_backward_flop_count(grad, q, k, v))
+    return mapping
+
+
+def _inputs(result, step: Step, model):
+    import torch
+
+    b, s = step.batch, step.seq
+    vocab = result.config.get("vocab_size", 100)
+    ids = torch.randint(0, vocab, (b, s))
+    if result.task == "seq2seq-lm":
+        return {"input_ids": ids, "labels": torch.randint(0, vocab, (b, step.target_length()))}
+    if result.task == "base" and result.family == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(0, vocab, (b, step.target_length()))}
+    if result.task in ("causal-lm", "masked-lm"):
+        return {"input_ids": ids, "labels": ids}
+    if result.task == "seq-cls":
+        return {"input_ids": ids, "labels": torch.randint(0, result.config.get("num_labels", 2), (b,))}
+    if result.task == "token-cls":
+        # soft prompts are prepended to the sequence, and peft leaves the labels as given: label them too
+        virtual = sum(options.tokens for method, options in result.peft_options if method in ("prompt", "ptuning"))
+        return {"input_ids": ids, "labels": torch.randint(0, result.config.get("num_labels", 2), (b, s + virtual))}
+    return {"input_ids": ids}
+
+
+def _loss(output):
+    """The task's own loss; for a bare backbone, a stand-in over every output a head could read
+    (hidden states and, for BERT, the pooled vector), so every module takes part in backward."""
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    outputs = [getattr(output, name, None) for name in ("last_hidden_state", "pooler_output")]
+    return sum(t.float().pow(2).mean() for t in outputs if t is not None)
+
+
+def _optimizer(step: Step, parameters):
+    import torch
+
+    if step.optimizer in ("adamw", "adam"):
+        cls = torch.optim.AdamW if step.optimizer == "adamw" else torch.optim.Adam
+        return cls(parameters, lr=1e-4, foreach=False)
+    if step.optimizer in ("sgd", "sgd-momentum"):
+        return torch.optim.SGD(parameters, lr=1e-3, momentum=0.9 if step.optimizer == "sgd-momentum" else 0.0,
+                               foreach=False)
+    raise ParamcalcError(f"paramcalc trace runs adamw, adam, sgd and sgd-momentum; {step.optimizer} needs its "
+                         "own library (bitsandbytes / transformers' Adafactor) and is not traced yet")
+
+
+def trace_step(result, step: Step) -> TraceReport:
+    """One forward, backward and optimizer step of ``result``'s model (with its PEFT methods), on fake tensors."""
+    import torch
+    import transformers
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .meta import hf_config
+    from .verify import apply_real_peft
+
+    if result.generic:
+        raise ParamcalcError("paramcalc trace needs a model with a formula file (bert, roberta, t5, gpt2, bloom)")
+    check_fits_model(step, result)
+    if any(method == "adapter" for method, _ in result.peft_options):
+        raise ParamcalcError("paramcalc trace cannot run bottleneck adapters: AdapterHub cannot be installed beside "
+                             "transformers 5, and adapter modules injected by hand do not take part in the forward")
+    notes = []
+    config = dict(result.config)
+    if step.attention != "eager":
+        for key in ATTENTION_DROPOUT_KEYS.get(result.family, ()):
+            config[key] = 0.0
+        notes.append("attention dropout set to 0 so the fused attention kernel runs (as on a GPU)")
+    hf = hf_config(config)
+    if result.family == "t5" and getattr(hf, "decoder_start_token_id", None) is None:
+        hf.decoder_start_token_id = hf.pad_token_id or 0  # needed to shift labels into decoder inputs
+    if result.task == "seq-cls" and getattr(hf, "pad_token_id", None) is None:
+        hf.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding; any id does on fake data
+    hf._attn_implementation = "eager" if step.attention == "eager" else "sdpa"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[step.dtype]
+    tracker = _live_storage_tracker()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the step's dtype
+    try:
+        with torch.device("meta"):  # build and apply peft on meta, then give every tensor a fake twin
+            model = getattr(transformers, result.hf_class)(hf)
+    except ValueError as exc:  # e.g. BLOOM has no sdpa path
+        raise ParamcalcError(f"transformers cannot build {result.hf_class} this way: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if result.peft_options:
+        model = apply_real_peft(model, result)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # peft keeps small index tensors as plain attributes
+        _fake_tensors(model)
+        if step.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        parameters = [p for p in model.parameters()]
+        trainable = [p for p in parameters if p.requires_grad]
+        optimizer = _optimizer(step, trainable)
+        inputs = _inputs(result, step, model)
+        for tensor in [*parameters, *model.buffers()]:
+            tracker.track(tensor, "parameters")
+        counter = FlopCounterMode(display=False, custom_mapping=_cpu_fused_attention_formulas())
+        autocast = (torch.autocast("cpu", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[step.mixed_precision])
+                    if step.mixed_precision else _null())
+        flops = {}
+        with tracker, counter:
+            tracker.phase = "forward"
+            with autocast:
+                try:
+                    loss = _loss(model(**inputs))
+                except (ValueError, ZeroDivisionError, RuntimeError) as exc:
+                    if "DynamicOutputShape" in type(exc).__name__ or "DataDependent" in type(exc).__name__:
+                        raise ParamcalcError(f"{result.hf_class} looks at the token values ({exc}), which fake "
+                                             "tensors do not have; it cannot be traced") from None
+                    raise ParamcalcError(f"transformers cannot run this {result.hf_class}: "
+                                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+            flops["forward"] = counter.get_total_flops()
+            del inputs
+            tracker.phase = "backward"
+            loss.backward()
+            del loss
+            flops["backward"] = counter.get_total_flops() - flops["forward"]
+            tracker.phase = "optimizer"
+            optimizer.step()
+            flops["optimizer"] = counter.get_total_flops() - flops["forward"] - flops["backward"]
+        flops["total"] = counter.get_total_flops()
+        grads = {id(p.grad.untyped_storage()) for p in trainable if p.grad is not None}
+        states = {id(t.untyped_storage()) for state in optimizer.state.values() for t in state.values()
+                  if isinstance(t, torch.Tensor)}
+        after_step = _categorise(list(tracker.live.values()), grads, states)
+    at_peak = _categorise(tracker.snapshot, grads, states)
+    return TraceReport(type(model).__name__, tracker.peak, at_peak, after_step, flops, tracker.peak_phase, notes)
+
+
+def _categorise(storages, grads: set[int], states: set[int]) -> dict[str, int]:
+    totals = dict.fromkeys(CATEGORIES, 0)
+    for size, phase, ref in storages:
+        storage = ref()
+        key = id(storage) if storage is not None else None
+        if phase == "parameters":
+            category = "parameters"
+        elif key in grads:
+            category = "gradients"
+        elif key in states:
+            category = "optimizer"
+        elif phase == "forward":
+            category = "activations"
+        else:
+            category = "transient"
+        totals[category] += size
+    return totals
+
+
+def _fake_tensors(model) -> None:
+    """Replace the meta parameters and buffers with fake CPU tensors, keeping tied tensors tied."""
+    import torch
+
+    twins = {}
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()):
+            if tensor is not None:
+                if id(tensor) not in twins:
+                    twins[id(tensor)] = torch.nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype),
+                                                           requires_grad=tensor.requires_grad)
+                module._parameters[name] = twins[id(tensor)]
+        for name, tensor in list(module._buffers.items()):
+            if tensor is not None:
+                if id(tensor) not in twins:
+                    twins[id(tensor)] = torch.zeros(tensor.shape, dtype=tensor.dtype)
+                module._buffers[name] = twins[id(tensor)]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

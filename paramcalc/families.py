@@ -71,6 +71,7 @@ class Family:
     attention: tuple[dict, ...]  # attention cores: heads, head_dim, q_len, k_len, repeat
     attention_kernels: tuple[str, ...]  # eager / sdpa / flash: what transformers can run for this family
     buffers: tuple[dict, ...]  # non-parameter tensors the model holds (name, shape, bytes per element)
+    flow: dict  # part -> ordered data flow ["inputs -> output : row"], for which gradients backward computes
     digest: str  # hash of the file text; keys the formula cache
 
     def known_keys(self) -> dict:
@@ -178,6 +179,7 @@ def _parse(path: Path) -> Family:
         adapter_sites=tuple(raw.get("adapter_sites", [])), quant=raw.get("quant", {}),
         tokens=raw.get("tokens", {}), attention=tuple(raw.get("attention", [])),
         attention_kernels=tuple(raw.get("attention_kernels", ["eager"])), buffers=tuple(raw.get("buffers", [])),
+        flow=raw.get("flow", {}),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
 
@@ -185,7 +187,7 @@ def _parse(path: Path) -> Family:
 def _inherit(parent: dict, child: dict) -> dict:
     """Child keys win; modules of the parts the child drops are replaced by the child's."""
     merged = {**parent, **child}
-    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens"):
+    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens", "flow"):
         # (buffers, attention cores and adapter sites are lists: the child's replace the parent's if given)
         merged[table] = {**parent.get(table, {}), **child.get(table, {})}
     dropped = set(child.get("drop_parts", []))

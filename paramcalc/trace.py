@@ -217,6 +217,9 @@ def trace_step(result, step: Step) -> TraceReport:
             flops["forward"] = counter.get_total_flops()
             del inputs
             tracker.phase = "backward"
+            if not loss.requires_grad:
+                raise ParamcalcError("no trainable parameter takes part in this forward pass, so there is no "
+                                     "backward to trace")
             loss.backward()
             del loss
             flops["backward"] = counter.get_total_flops() - flops["forward"]

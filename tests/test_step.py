@@ -19,24 +19,60 @@ from paramcalc.trace import trace_step
 EXAMPLES = int(os.environ.get("PARAMCALC_EXAMPLES", "200")) // 10  # 20 traced steps per family by default
 
 
+TARGETS = {"bert": ["query", "key", "value", "dense", "word_embeddings"], "roberta": ["query", "value", "dense"],
+           "gpt2": ["c_attn", "c_proj", "c_fc", "wte"], "bloom": ["query_key_value", "dense", "dense_4h_to_h"],
+           "t5": ["q", "k", "v", "o", "wo", "wi", "wi_0", "shared"]}
+
+
+@st.composite
+def methods(draw, family):
+    """Full fine-tuning, LoRA (random rank, targets and bias mode) or IA3."""
+    kind = draw(st.sampled_from(["full", "lora", "ia3"]))
+    if kind == "full":
+        return None
+    if kind == "ia3":
+        return "ia3"
+    targets = draw(st.lists(st.sampled_from(TARGETS[family]), min_size=1, max_size=3, unique=True))
+    bias = draw(st.sampled_from(["none", "all", "lora_only"]))
+    return f"lora:r={draw(st.integers(1, 8))},bias={bias},targets={','.join(targets)}"
+
+
 @pytest.mark.parametrize("family", sorted(STRATEGIES))
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("PARAMCALC_EXAMPLES"))
 @given(data=st.data(), batch=st.integers(1, 3), seq=st.integers(1, 24), tgt=st.integers(1, 12))
-def test_full_fine_tune_flops_equal_flop_counter(family, data, batch, seq, tgt):
+def test_flops_equal_flop_counter(family, data, batch, seq, tgt):
+    """Full fine-tuning, LoRA and IA3: forward and backward matmul FLOPs exactly as torch counts them."""
     config = data.draw(STRATEGIES[family], label="config")
     task = data.draw(tasks(family), label="task")
+    method = data.draw(methods(family), label="method")
     assume(not (family == "t5" and task == "seq-cls"))  # reads eos positions from the data: not traceable
     if family == "t5":
         assume(config["relative_attention_num_buckets"] >= 4)  # transformers divides by a quarter of them
     attention = data.draw(st.sampled_from(families.families()[family].attention_kernels), label="attention")
-    result = paramcalc.count(config, task=task, formulas=False)
+    try:
+        result = paramcalc.count(config, task=task, peft=method, formulas=False)
+    except paramcalc.ParamcalcError:  # e.g. targets that match nothing in this config
+        assume(False)
     positions = {"bert": "P", "roberta": "P", "gpt2": "P"}.get(family)
     limit = result.values[positions] - (2 if family == "roberta" else 0) if positions else seq
     step = Step(batch=batch, seq=max(1, min(seq, limit)), tgt_seq=tgt if family == "t5" else None,
                 attention=attention)
-    traced = trace_step(result, step)
+    try:
+        traced = trace_step(result, step)
+    except paramcalc.ParamcalcError as exc:  # LoRA on T5's shared embedding alone: nothing trains
+        assert "no trainable parameter takes part" in str(exc)
+        return
     analytic = step_flops(result, step)
     assert (analytic.forward, analytic.backward) == (traced.flops["forward"], traced.flops["backward"])
+
+
+def test_lora_skips_input_gradients_before_the_first_adapted_module():
+    # LoRA on the last layer's FFN only: nothing before it needs an input gradient
+    result = paramcalc.count("bert-base-uncased", task="seq-cls", formulas=False, peft="lora:r=8,targets=all-linear")
+    late = paramcalc.count("bert-base-uncased", task="seq-cls", formulas=False,
+                           peft="lora:r=8,targets=pooler.dense")
+    step = Step(batch=2, seq=32)
+    assert step_flops(late, step).backward < step_flops(result, step).backward / 10
 
 
 def test_bert_base_flops_by_hand():

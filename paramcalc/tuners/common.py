@@ -84,7 +84,7 @@ def split(component: Component, suffixes: set[str], values: dict[str, int]) -> l
     for label, shapes in (("weight", rest), ("/".join(sorted(chosen)), chosen)):
         row = make_row(f"{component.name} {label}", component.kind, component.repeat, component.repeat_count,
                        shapes, component.param, values, component.trainable, component.group)
-        row.args, row.role = component.args, component.role
+        row.args, row.role, row.part, row.tokens = component.args, component.role, component.part, component.tokens
         rows.append(row)
     return rows
 

@@ -87,8 +87,12 @@ def apply(result, options: Options) -> PeftSummary:
     result.components.extend(rows)
     added = sum(r.count for r in rows) + sum(c.count for c in copies)
     config = {**asdict(options), "targets": targets, "task_modules_to_save": TASK_MODULES_TO_SAVE.get(result.task)}
-    return PeftSummary("lora", config, added_params=added,
-                       trainable_params=sum(c.count for c in result.components if c.trainable))
+    summary = PeftSummary("lora", config, added_params=added,
+                          trainable_params=sum(c.count for c in result.components if c.trainable))
+    if family.name == "t5" and any(c.name == "shared embeddings" for c, _ in adapted):
+        summary.notes.append("LoRA on T5's `shared` adds parameters that never train: the encoder and decoder "
+                             "look tokens up through their embed_tokens, tied to shared's weight, not through it")
+    return summary
 
 
 def _wanted(component, key, targets, options, saved) -> bool:

@@ -140,7 +140,9 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
             document["verify"] = {"ok": verification.ok, "meta_total": verification.meta_total,
                                   "model_class": verification.model_class,
                                   "mismatches": verification.mismatches()}
-        click.echo(result.to_json() if verification is None else __import__("json").dumps(document, indent=2))
+        import json
+
+        click.echo(json.dumps(document, indent=2))
     elif latex:
         click.echo(result.to_latex(), nl=False)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,10 +186,10 @@ def _parse(path: Path) -> Family:
 
 
 def _inherit(parent: dict, child: dict) -> dict:
-    """Child keys win; modules of the parts the child drops are replaced by the child's."""
+    """Child keys win; tables merge key by key; lists (buffers, attention cores, adapter sites) are the
+    child's when it gives them; modules of the parts the child drops are replaced by the child's."""
     merged = {**parent, **child}
     for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens", "flow"):
-        # (buffers, attention cores and adapter sites are lists: the child's replace the parent's if given)
         merged[table] = {**parent.get(table, {}), **child.get(table, {})}
     dropped = set(child.get("drop_parts", []))
     merged["modules"] = [m for m in parent["modules"] if m["part"] not in dropped] + child.get("modules", [])
@@ -279,7 +280,7 @@ def bind(family: Family, task_name: str, config: dict) -> list[Component]:
             continue
         shapes = PRIMITIVES[spec.kind](**spec.shape)
         repeat_count = expr.evaluate(spec.repeat, values)
-        per_module = sum(_numel(shape, values) for shape in shapes.values())
+        per_module = sum(numel(shape, values) for shape in shapes.values())
         prefix = "" if spec.group == "head" else task.prefix
         components.append(
             Component(
@@ -303,8 +304,6 @@ def concrete_parameters(component: Component, values: dict[str, int]) -> dict[st
     return names
 
 
-def _numel(shape: Shape, values: dict[str, int]) -> int:
-    n = 1
-    for dim in shape:
-        n *= expr.evaluate(dim, values)
-    return n
+def numel(shape: Shape, values: dict[str, int]) -> int:
+    """Elements of a symbolic shape for these symbol values."""
+    return math.prod(expr.evaluate(dim, values) for dim in shape)

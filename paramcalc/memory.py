@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import expr
-from .families import concrete_parameters, families
+import math
+
+from .families import concrete_parameters, families, numel
 from .step import Step
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -50,10 +51,7 @@ def parameter_tensors(result, width: int) -> list[tuple[str, int, bool, int]]:
     for component in result.components:
         own = 4 if component.group == "peft" and "modules_to_save" not in component.name else width
         for name, shape in concrete_parameters(component, values).items():
-            numel = 1
-            for d in shape:
-                numel *= d
-            tensors.append((name, numel, component.trainable, own))
+            tensors.append((name, math.prod(shape), component.trainable, own))
     return tensors
 
 
@@ -63,10 +61,7 @@ def buffer_bytes(result) -> int:
     total = 0
     for buffer in family.buffers:
         if buffer["part"] in parts:
-            numel = 1
-            for d in buffer["shape"]:
-                numel *= expr.evaluate(d, result.values)
-            total += numel * buffer["bytes"]
+            total += numel(buffer["shape"], result.values) * buffer["bytes"]
     return total
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import expr
 from .errors import ParamcalcError
+from .families import numel
 
 TYPES = ("nf4", "fp4", "int8")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # torch.float32 / float16 / bfloat16 element sizes
@@ -104,7 +105,7 @@ def apply(result, options: Options, family) -> QuantSummary:
     keep = set(family.quant.get("keep_fp32", []))
     quantized, extra_print, packed_saving, total_bytes = [], 0, 0, 0
     for component in result.components:
-        per_numel = {s: _numel(shape, values) for s, shape in component.shapes.items()}
+        per_numel = {s: numel(shape, values) for s, shape in component.shapes.items()}
         dtype_bytes = sum(per_numel.values()) * component.repeat_count * DTYPE_BYTES[options.dtype]
         component.weight_bytes = dtype_bytes
         if not _quantizable(component, last, keep):
@@ -135,9 +136,3 @@ def _quantizable(component, last, keep) -> bool:
         return False
     return not any(component.param == k or component.param.endswith(f".{k}") for k in keep)
 
-
-def _numel(shape, values) -> int:
-    n = 1
-    for d in shape:
-        n *= expr.evaluate(d, values)
-    return n

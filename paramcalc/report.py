@@ -103,9 +103,10 @@ def latex_table(result: CountResult) -> str:
             formula = f"0 (tied to {_latex_escape(c.tied_to)})"
         rows.append(f"  {_latex_escape(c.name)} & {formula} & {_latex_int(c.count)} \\\\")
     total_formula = f"${result.closed_form_latex}$" if result.closed_form_latex else ""
+    used = used_symbols(result)
     symbols = ", ".join(
         f"${_latex_symbol(s)}$ = \\texttt{{{_latex_escape(k)}}} = {_latex_int(v)}"
-        for s, (k, v, _d) in result.symbols.items() if s in used_symbols(result)
+        for s, (k, v, _d) in result.symbols.items() if s in used
     )
     caption = _latex_escape(f"Parameters of {result.model} ({result.hf_class})") + (f"; {symbols}" if symbols else "")
     lines = [

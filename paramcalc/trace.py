@@ -14,6 +14,7 @@ kernels would not keep a dropout mask either. Its FLOPs are counted with torch's
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -102,7 +103,7 @@ def _cpu_fused_attention_formulas():
     return mapping
 
 
-def _inputs(result, step: Step, model):
+def _inputs(result, step: Step):
     import torch
 
     b, s = step.batch, step.seq
@@ -196,12 +197,12 @@ def trace_step(result, step: Step) -> TraceReport:
         parameters = [p for p in model.parameters()]
         trainable = [p for p in parameters if p.requires_grad]
         optimizer = _optimizer(step, trainable)
-        inputs = _inputs(result, step, model)
+        inputs = _inputs(result, step)
         for tensor in [*parameters, *model.buffers()]:
             tracker.track(tensor, "parameters")
         counter = FlopCounterMode(display=False, custom_mapping=_cpu_fused_attention_formulas())
         autocast = (torch.autocast("cpu", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[step.mixed_precision])
-                    if step.mixed_precision else _null())
+                    if step.mixed_precision else contextlib.nullcontext())
         flops = {}
         with tracker, counter:
             tracker.phase = "forward"
@@ -271,11 +272,3 @@ def _fake_tensors(model) -> None:
                 if id(tensor) not in twins:
                     twins[id(tensor)] = torch.zeros(tensor.shape, dtype=tensor.dtype)
                 module._buffers[name] = twins[id(tensor)]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

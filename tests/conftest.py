@@ -21,6 +21,21 @@ def cli():
 
 
 @pytest.fixture(scope="session")
+def refused():
+    """Assert a CLI run was refused as bad input: exit 2, one 'Error:' line naming the problem, no traceback,
+    nothing on stdout."""
+
+    def check(result, message):
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr
+        assert "Traceback" not in result.output
+        assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
+        assert result.stdout == ""  # nothing half-written
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def matches_peft():
     """Assert a result equals peft applied on the meta model: every parameter (name, shape, requires_grad)
     and peft's own get_nb_trainable_parameters()."""

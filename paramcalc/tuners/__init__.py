@@ -5,7 +5,8 @@
 - ``apply(result, options)``: adds the method's rows (group ``peft``), marks what trains, returns a
   ``PeftSummary``;
 - ``from_peft_config`` / ``to_peft_config``: to and from peft's own config objects (the latter only
-  for verification, so peft is imported lazily).
+  for verification, so peft is imported lazily). Adapters come from AdapterHub, not peft: their module
+  has ``inject`` in place of both.
 """
 
 from __future__ import annotations

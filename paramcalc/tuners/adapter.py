@@ -6,14 +6,16 @@ biases: ``2*H*b + b + H`` parameters, with ``b = H // reduction_factor`` (at lea
 (``DoubleSeqBnConfig``, arXiv:1902.00751) one after attention and one after the FFN. Both default to a
 reduction factor of 16. ``cross=true`` adds one after T5's cross-attention (``cross_adapter``).
 
-AdapterHub cannot be installed beside transformers 5, so ``--verify`` injects the same modules into the
-meta model (``inject``) and matches them like any other row.
+AdapterHub cannot be installed beside transformers 5, so there is no config object to convert to or from:
+in place of ``to_peft_config``, ``--verify`` injects the same modules into the meta model (``inject``) and
+matches them like any other row.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .. import expr
 from ..errors import ParamcalcError
 from .common import PeftSummary, freeze, make_row, require_family
 
@@ -62,7 +64,7 @@ def apply(result, options: Options) -> PeftSummary:
         shapes = {"adapter_down.0.weight": ("b", hidden), "adapter_down.0.bias": ("b",),
                   "adapter_up.weight": (hidden, "b"), "adapter_up.bias": (hidden,)}
         rows.append(make_row(f"adapter after {site['after']}", "adapter", site["repeat"],
-                             int(_eval(site["repeat"], values)), shapes, module, values))
+                             expr.evaluate(site["repeat"], values), shapes, module, values))
     result.components.extend(rows)
     summary = PeftSummary("adapter", {**asdict(options), "bottleneck": width},
                           added_params=sum(r.count for r in rows),
@@ -72,12 +74,6 @@ def apply(result, options: Options) -> PeftSummary:
     return summary
 
 
-def _eval(expression, values):
-    from ..expr import evaluate
-
-    return evaluate(expression, values)
-
-
 def inject(model, options: Options, result):
     """Add the adapter modules to a (meta) model, freeze the base and unfreeze the heads, for --verify."""
     import torch
@@ -85,7 +81,7 @@ def inject(model, options: Options, result):
     for component in result.components:
         if component.kind != "adapter":
             continue
-        hidden, width = (int(d) for d in _shape_values(component, result.values))
+        hidden, width = (expr.evaluate(d, result.values) for d in component.shapes["adapter_up.weight"])
         for i in range(component.repeat_count):
             path = component.param.replace("{i}", str(i))
             owner_path, _, _ = path.partition(".adapters.default")
@@ -107,18 +103,3 @@ def inject(model, options: Options, result):
         if component.group == "head" and component.trainable:
             model.get_submodule(component.param).requires_grad_(True)
     return model
-
-
-def _shape_values(component, values):
-    from ..expr import evaluate
-
-    hidden_dim, width_dim = component.shapes["adapter_up.weight"]
-    return evaluate(hidden_dim, values), evaluate(width_dim, values)
-
-
-def from_peft_config(config) -> Options:
-    raise ParamcalcError("adapters come from AdapterHub, not peft; use the --adapter spec")
-
-
-def to_peft_config(options: Options, task_type, result=None):
-    return None

@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .. import expr
 from ..errors import ParamcalcError
-from ..families import Component
+from ..families import Component, numel
 
 # peft's task types wrap the classification head in a trainable copy (ModulesToSaveWrapper)
 TASK_MODULES_TO_SAVE = {"seq-cls": ["classifier", "score"], "token-cls": ["classifier", "score"]}
@@ -53,6 +52,19 @@ def is_saved_module(key: str, modules_to_save: list[str]) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in modules_to_save)
 
 
+def saved_modules(task: str, user_saved: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """(task's saved heads, all saved modules, those that guard targets) as peft handles them.
+
+    peft never adapts a module it saves whole, except that its TOKEN_CLS model adds the classifier to
+    modules_to_save only after injecting (PeftModelForTokenClassification.__init__), so there only the
+    user's own modules_to_save guard the targets.
+    """
+    task_saved = TASK_MODULES_TO_SAVE.get(task, [])
+    saved = task_saved + list(user_saved or [])
+    guarded = saved if task != "token-cls" else list(user_saved or [])
+    return task_saved, saved, guarded
+
+
 def leaf_names(components: list[Component], kinds=ADAPTABLE_KINDS) -> list[str]:
     return sorted({c.param.rsplit(".", 1)[-1] for c in components if c.kind in kinds and c.group != "peft"})
 
@@ -64,12 +76,7 @@ def freeze(components: list[Component]) -> None:
 
 def make_row(name: str, kind: str, repeat: str, repeat_count: int, shapes: dict, param: str,
              values: dict[str, int], trainable: bool = True, group: str = "peft") -> Component:
-    per_module = 0
-    for shape in shapes.values():
-        n = 1
-        for d in shape:
-            n *= expr.evaluate(d, values)
-        per_module += n
+    per_module = sum(numel(shape, values) for shape in shapes.values())
     return Component(name=name, group=group, kind=kind, repeat=repeat, repeat_count=repeat_count, shapes=shapes,
                      param=param, count=repeat_count * per_module, trainable=trainable)
 

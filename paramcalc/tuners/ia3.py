@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import ParamcalcError
 from .common import (
-    PeftSummary, TASK_MODULES_TO_SAVE, freeze, is_saved_module, is_target, leaf_names, make_row, module_keys,
-    require_family, save_modules,
+    PeftSummary, freeze, is_saved_module, is_target, leaf_names, make_row, module_keys, require_family,
+    save_modules, saved_modules,
 )
 
 
@@ -34,8 +34,7 @@ def apply(result, options: Options) -> PeftSummary:
     targets = options.targets or family.peft["ia3_targets"]
     feedforward = options.ff if options.ff is not None else (
         family.peft["ia3_feedforward"] if options.targets is None else [])
-    saved = TASK_MODULES_TO_SAVE.get(result.task, [])
-    guarded = saved if result.task != "token-cls" else []  # as for LoRA: peft's TOKEN_CLS saves afterwards
+    saved, _, guarded = saved_modules(result.task, None)
     rows = []
     for component in list(result.components):
         if component.group == "peft" or component.kind == "tied":

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import ParamcalcError
 from .common import (
-    PeftSummary, TASK_MODULES_TO_SAVE, freeze, is_saved_module, is_target, leaf_names, make_row, module_keys,
-    require_family, save_modules, split,
+    PeftSummary, freeze, is_saved_module, is_target, leaf_names, make_row, module_keys,
+    require_family, save_modules, saved_modules, split,
 )
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -50,11 +50,7 @@ def apply(result, options: Options) -> PeftSummary:
     targets = options.targets or family.peft.get("lora_targets")
     if not targets:
         raise ParamcalcError(f"--lora: peft has no default targets for {family.title}; give targets=...")
-    task_saved = TASK_MODULES_TO_SAVE.get(result.task, [])
-    saved = task_saved + list(options.modules_to_save or [])
-    # peft guards targets against modules_to_save before adapting, except that its TOKEN_CLS model adds the
-    # classifier to modules_to_save only afterwards (PeftModelForTokenClassification.__init__)
-    guarded = saved if result.task != "token-cls" else list(options.modules_to_save or [])
+    task_saved, saved, guarded = saved_modules(result.task, options.modules_to_save)
     result.add_symbol("r", "lora r", options.r, "LoRA rank")
     values = result.values
 
@@ -86,7 +82,7 @@ def apply(result, options: Options) -> PeftSummary:
                              f"{', '.join(leaf_names(result.components, kinds=('linear', 'conv1d', 'embedding', 'layernorm', 'rmsnorm')))}")
     result.components.extend(rows)
     added = sum(r.count for r in rows) + sum(c.count for c in copies)
-    config = {**asdict(options), "targets": targets, "task_modules_to_save": TASK_MODULES_TO_SAVE.get(result.task)}
+    config = {**asdict(options), "targets": targets, "task_modules_to_save": task_saved or None}
     summary = PeftSummary("lora", config, added_params=added,
                           trainable_params=sum(c.count for c in result.components if c.trainable))
     if family.name == "t5" and any(c.name == "shared embeddings" for c, _ in adapted):

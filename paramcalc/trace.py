@@ -34,12 +34,13 @@ class TraceReport:
     after_step: dict[str, int]  # what stays alive after optimizer.step(): the model states
     flops: dict[str, int]
     phase_of_peak: str
+    phase_peaks: dict[str, int]  # the live-bytes high-water mark in each phase of the steady step
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"model_class": self.model_class, "peak": self.peak, "at_peak": self.at_peak,
                 "after_step": self.after_step, "flops": self.flops,
-                "phase_of_peak": self.phase_of_peak, "notes": self.notes}
+                "phase_of_peak": self.phase_of_peak, "phase_peaks": self.phase_peaks, "notes": self.notes}
 
 
 def _live_storage_tracker():
@@ -57,6 +58,10 @@ def _live_storage_tracker():
             self.phase = "setup"
             self.snapshot: list[tuple[int, str, weakref.ref]] = []
             self.peak_phase = ""
+            self.phase_peaks: dict[str, int] = {}
+
+        def reset_peak(self):
+            self.peak, self.phase_peaks = self.current, {}
 
         def track(self, tensor, phase=None):
             storage = tensor.untyped_storage()
@@ -67,6 +72,8 @@ def _live_storage_tracker():
             self.live[key] = (size, phase or self.phase, weakref.ref(storage))
             weakref.finalize(storage, self._free, key, size)
             self.current += size
+            if self.current > self.phase_peaks.get(self.phase, 0):
+                self.phase_peaks[self.phase] = self.current
             if self.current > self.peak:
                 self.peak, self.peak_phase = self.current, self.phase
                 self.snapshot = list(self.live.values())
@@ -147,8 +154,12 @@ def _optimizer(step: Step, parameters):
                          "own library (bitsandbytes / transformers' Adafactor) and is not traced yet")
 
 
-def trace_step(result, step: Step) -> TraceReport:
-    """One forward, backward and optimizer step of ``result``'s model (with its PEFT methods), on fake tensors."""
+def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
+    """One forward, backward and optimizer step of ``result``'s model (with its PEFT methods), on fake tensors.
+
+    ``steady`` runs a second step and measures that one: from then on the optimizer state is alive
+    throughout the step, which is what every step after the first needs.
+    """
     import torch
     import transformers
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -197,43 +208,62 @@ def trace_step(result, step: Step) -> TraceReport:
         parameters = [p for p in model.parameters()]
         trainable = [p for p in parameters if p.requires_grad]
         optimizer = _optimizer(step, trainable)
-        inputs = _inputs(result, step)
+        inputs, second_inputs = _inputs(result, step), _inputs(result, step)
         for tensor in [*parameters, *model.buffers()]:
             tracker.track(tensor, "parameters")
         counter = FlopCounterMode(display=False, custom_mapping=_cpu_fused_attention_formulas())
         autocast = (torch.autocast("cpu", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[step.mixed_precision])
                     if step.mixed_precision else contextlib.nullcontext())
         flops = {}
-        with tracker, counter:
-            tracker.phase = "forward"
-            with autocast:
-                try:
-                    loss = _loss(model(**inputs))
-                except (ValueError, ZeroDivisionError, RuntimeError) as exc:
-                    if "DynamicOutputShape" in type(exc).__name__ or "DataDependent" in type(exc).__name__:
-                        raise ParamcalcError(f"{result.hf_class} looks at the token values ({exc}), which fake "
-                                             "tensors do not have; it cannot be traced") from None
-                    raise ParamcalcError(f"transformers cannot run this {result.hf_class}: "
-                                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-            flops["forward"] = counter.get_total_flops()
-            del inputs
-            tracker.phase = "backward"
-            if not loss.requires_grad:
-                raise ParamcalcError("no trainable parameter takes part in this forward pass, so there is no "
-                                     "backward to trace")
-            loss.backward()
-            del loss
-            flops["backward"] = counter.get_total_flops() - flops["forward"]
-            tracker.phase = "optimizer"
-            optimizer.step()
-            flops["optimizer"] = counter.get_total_flops() - flops["forward"] - flops["backward"]
-        flops["total"] = counter.get_total_flops()
+        with tracker:
+            # Two steps: the first counts FLOPs; the second is the steady state users live in, where the
+            # optimizer state made by the first step is alive throughout forward and backward.
+            with counter:
+                _one_step(model, inputs, optimizer, autocast, tracker, result, flops, counter)
+            if steady:
+                optimizer.zero_grad(set_to_none=True)
+                tracker.reset_peak()
+                _one_step(model, second_inputs, optimizer, autocast, tracker, result)
+        del inputs
+        flops["total"] = flops["forward"] + flops["backward"] + flops["optimizer"]
         grads = {id(p.grad.untyped_storage()) for p in trainable if p.grad is not None}
         states = {id(t.untyped_storage()) for state in optimizer.state.values() for t in state.values()
                   if isinstance(t, torch.Tensor)}
         after_step = _categorise(list(tracker.live.values()), grads, states)
     at_peak = _categorise(tracker.snapshot, grads, states)
-    return TraceReport(type(model).__name__, tracker.peak, at_peak, after_step, flops, tracker.peak_phase, notes)
+    return TraceReport(type(model).__name__, tracker.peak, at_peak, after_step, flops, tracker.peak_phase,
+                       dict(tracker.phase_peaks), notes)
+
+
+def _one_step(model, inputs, optimizer, autocast, tracker, result, flops=None, counter=None) -> None:
+    """forward, backward and optimizer.step(), with the tracker told which phase is running."""
+    tracker.phase = "forward"
+    with autocast:
+        try:
+            loss = _loss(model(**inputs))
+        except (ValueError, ZeroDivisionError, RuntimeError) as exc:
+            if "DynamicOutputShape" in type(exc).__name__ or "DataDependent" in type(exc).__name__:
+                raise ParamcalcError(f"{result.hf_class} looks at the token values ({exc}), which fake "
+                                     "tensors do not have; it cannot be traced") from None
+            raise ParamcalcError(f"transformers cannot run this {result.hf_class}: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    del inputs
+    done = counter.get_total_flops() if counter else 0
+    if flops is not None:
+        flops["forward"] = done
+    tracker.phase = "backward"
+    if not loss.requires_grad:
+        raise ParamcalcError("no trainable parameter takes part in this forward pass, so there is no "
+                             "backward to trace")
+    loss.backward()
+    del loss
+    if flops is not None:
+        flops["backward"] = counter.get_total_flops() - done
+    tracker.phase = "optimizer"
+    optimizer.step()
+    if flops is not None:
+        flops["optimizer"] = counter.get_total_flops() - flops["forward"] - flops["backward"]
+    tracker.phase = "idle"
 
 
 def _categorise(storages, grads: set[int], states: set[int]) -> dict[str, int]:

@@ -20,6 +20,9 @@ from .families import families
 from .step import Step, check_fits_model
 
 MATMUL_KINDS = ("linear", "conv1d", "tied")
+# flow ops without a weight (residual add, product, dropout, activation, casts, scaling, views): they pass
+# gradients on and count no matmul FLOPs
+ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token")
 UNMODELLED = ("prompt", "prefix", "ptuning", "adapter")  # change sequence lengths or add modules to the flow
 
 
@@ -68,8 +71,11 @@ def step_flops(result, step: Step) -> Flops:
     for part in family.tasks[result.task].parts:
         layers = _layers(result, part)
         for _ in range(layers):
+            written: set[str] = set()
             for op in family.flow.get(part, []):
-                _run(op, modules, needs_grad, rows, family, values, step)
+                if op == "|":  # a scope boundary, for the memory replay
+                    continue
+                _run(op, modules, needs_grad, rows, family, values, step, written)
     return Flops(sum(f for f, _ in rows.values()), sum(b for _, b in rows.values()), rows)
 
 
@@ -124,22 +130,29 @@ def _count_of(result, param: str) -> int:
     return next(c.repeat_count for c in result.components if c.param == param and c.group != "peft")
 
 
-def _run(op: str, modules, needs_grad, rows, family, values, step: Step) -> None:
+def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written: set[str]) -> None:
     flow, _, name = op.partition(":")
     sources, _, target = flow.partition("->")
     inputs = [s.strip() for s in sources.split(",") if s.strip()]
     name, target = name.strip(), target.strip()
     grad_in = any(needs_grad.get(s, False) for s in inputs)
-    if name == "+":
+    if any(s not in needs_grad for s in inputs):  # a branch this config does not have
+        return
+    if name.split(" ")[0] in ELEMENTWISE:  # no matmul, no weight
         needs_grad[target] = grad_in
+        written.add(target)
         return
     if name.startswith("attention core"):
+        written.add(target)
         needs_grad[target] = _attention(name, inputs, needs_grad, rows, family, values, step)
         return
     tied_copy = name.endswith(" [tied]")  # the model runs a tied twin: same weight, no PEFT wrapper
     module = modules.get(name.removesuffix(" [tied]"))
-    if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5)
+    if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5):
+        if target not in written:  # a stream left over from the previous layer is not this one's
+            needs_grad.pop(target, None)
         return
+    written.add(target)
     if tied_copy:
         needs_grad[target] = grad_in or module.weight_trains
         return

@@ -78,7 +78,7 @@ def model_options(command):
 def step_options(command):
     """The training step: batch, lengths, precision, optimizer, attention kernel, checkpointing."""
     options = [
-        click.option("--batch", type=int, default=1, show_default=True, help="Sequences per step."),
+        click.option("--batch", type=int, default=None, help="Sequences per step, per GPU (default 1)."),
         click.option("--seq", type=int, default=128, show_default=True, help="Tokens per sequence."),
         click.option("--tgt-seq", type=int, default=None, help="Target length of an encoder-decoder (default: --seq)."),
         click.option("--dtype", type=click.Choice(("fp32", "fp16", "bf16")), default="fp32", show_default=True,
@@ -105,14 +105,33 @@ def _count(model, task, overrides, num_labels, quant, methods):
     return count(model, task=task, overrides=parsed, num_labels=num_labels, peft=chosen or None, quant=quant)
 
 
+def device_options(command):
+    """Where the step runs: a device profile, its memory, data-parallel sharding, the batch search."""
+    options = [
+        click.option("--device", "device", default=None,
+                     help="t4, a10g, l4, a100-40gb, a100-80gb, h100-80gb, cpu (default), or a calibrated profile."),
+        click.option("--device-mem", default=None, metavar="SIZE", help="Device memory, e.g. 16GiB or 24GB."),
+        click.option("--gpus", type=int, default=1, show_default=True, help="Data-parallel GPUs."),
+        click.option("--zero", type=int, default=None, help="ZeRO stage 0-3: shard optimizer / gradients / weights."),
+        click.option("--fsdp", default=None, help="FSDP sharding: full (= ZeRO-3) or grad-op (= ZeRO-2)."),
+        click.option("--fit-batch", is_flag=True, help="Find the largest batch that fits the device's memory."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("count")
 @model_options
+@step_options
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema paramcalc/1).")
 @click.option("--latex", is_flag=True, help="Print a LaTeX (booktabs) table.")
 @click.option("--verify", is_flag=True,
               help="Build the model on the meta device (and apply peft) and match every parameter to a row.")
-def count_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, as_json,
-                  latex, verify):
+def count_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, batch, seq,
+                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention, device, device_mem, gpus,
+                  zero, fsdp, fit_batch, as_json, latex, verify):
     """Count the parameters of MODEL: a catalog name, a config.json, or a folder holding one.
 
     \b
@@ -121,6 +140,8 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
       paramcalc bert-base-uncased --lora r=8
       paramcalc t5-small --task seq2seq-lm --prompt tokens=20
       paramcalc bloom-560m --task causal-lm --quant nf4 --lora r=16
+      paramcalc bert-base-uncased --task seq-cls --batch 8 --seq 128 --optimizer adamw
+      paramcalc gpt2 --task causal-lm --seq 512 --mixed-precision bf16 --device t4 --fit-batch
     """
     try:
         methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,
@@ -131,11 +152,34 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
             from .verify import verify as run_verify
 
             verification = run_verify(result)
+        step_plan = curve = None
+        if batch is not None or fit_batch or device or device_mem or gpus != 1 or zero is not None or fsdp:
+            from .plan import Parallel, fit_batch as search, plan
+            from .step import Step
+
+            step = Step(batch=1 if batch is None else batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype, mixed_precision=mixed_precision,
+                        optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention)
+            parallel = Parallel.from_options(gpus, zero, fsdp)
+            if fit_batch:
+                best, curve = search(result, step, device, device_mem, parallel)
+                if best == 0:
+                    raise ParamcalcError(f"even batch 1 does not fit: it needs {curve[0][1]:,} bytes")
+                from dataclasses import replace
+
+                step = replace(step, batch=best)
+            step_plan = plan(result, step, device, device_mem, parallel)
     except ParamcalcError as exc:
         raise InputError(str(exc)) from None
 
     if as_json:
         document = result.to_dict()
+        if step_plan is not None:
+            document.update(step_plan.to_dict())
+            document["step"] = {"batch": step.batch, "seq": step.seq, "tgt_seq": step.tgt_seq, "dtype": step.dtype,
+                                "mixed_precision": step.mixed_precision, "optimizer": step.optimizer,
+                                "grad_checkpointing": step.grad_checkpointing, "attention": step.attention}
+            if curve is not None:
+                document["fit_batch"] = {"batch": step.batch, "curve": [{"batch": b, "peak": p} for b, p in curve]}
         if verification is not None:
             document["verify"] = {"ok": verification.ok, "meta_total": verification.meta_total,
                                   "model_class": verification.model_class,
@@ -149,6 +193,10 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         from rich.console import Console
 
         Console().print(result)
+        if step_plan is not None:
+            from .report import plan_table
+
+            Console().print(plan_table(step_plan, step, curve))
     if verification is not None:
         _report_verification(verification, quiet=as_json or latex)
         if not verification.ok:
@@ -229,7 +277,7 @@ def trace_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,
                    "ia3": ia3}
         result = _count(model, task, overrides, num_labels, quant, methods)
-        step = Step(batch=batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype, mixed_precision=mixed_precision,
+        step = Step(batch=1 if batch is None else batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype, mixed_precision=mixed_precision,
                     optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention)
         from .report import trace_comparison
         from .trace import trace_step

@@ -191,3 +191,43 @@ def trace_table(result, comparison: dict):
                       f"{100 * error:+.2f} %" if error is not None else "—")
     notes = [Text(f"note: {n}", style="yellow") for n in comparison["notes"]]
     return Group(table, flops, *notes)
+
+
+def plan_table(step_plan, step, curve=None):
+    """The memory of a training step, term by term, with FLOPs and throughput underneath."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    memory, formulas = step_plan.memory, step_plan.formulas
+    device = step_plan.profile
+    title = (f"training step: batch {step.batch} x {step.seq} tokens, {step.mixed_precision or step.dtype}"
+             f"{' mixed' if step.mixed_precision else ''}, {step.optimizer}, {step.attention} attention"
+             f"{', checkpointing' if step.grad_checkpointing else ''} · {device.name}"
+             f"{f' x {step_plan.parallel.gpus}, ZeRO-{step_plan.parallel.zero}' if step_plan.parallel.gpus > 1 or step_plan.parallel.zero else ''}")
+    table = Table(title=escape(title), title_justify="left")
+    for column in ("memory", "formula", "bytes"):
+        table.add_column(column, justify="right" if column == "bytes" else "left")
+    for term in ("weights", "gradients", "optimizer", "activations", "transient", "overhead"):
+        table.add_row(term, escape(formulas.get(term, "")), _bytes(memory[term]))
+    low, high = memory["band"]
+    table.add_row(Text("peak", style="bold"), f"during {step_plan.phase_of_peak} (band {_bytes(low)} - {_bytes(high)})",
+                  Text(_bytes(memory["peak"]), style="bold"))
+    lines = [table]
+    fits = step_plan.fits()
+    if fits is not None:
+        lines.append(Text(f"{'fits' if fits else 'does NOT fit'} in {_bytes(device.memory)}",
+                          style="green" if fits else "red"))
+    if step_plan.flops:
+        f = step_plan.flops
+        lines.append(Text(f"FLOPs per step: forward {f['forward']:,} + backward {f['backward']:,} = {f['total']:,}"))
+    t = step_plan.throughput
+    if t and t.get("step_s"):
+        lines.append(Text(f"throughput ({t['source']}): {t['tokens_per_s']:,.0f} tokens/s, {t['step_s']:.3f} s/step"))
+    elif t:
+        lines.append(Text(f"throughput: {t['why']}"))
+    if curve:
+        lines.append(Text("batch -> peak: " + ", ".join(f"{b}: {_bytes(p)}" for b, p in curve)))
+    lines.extend(Text(note, style="dim") for note in step_plan.notes)
+    return Group(*lines)

@@ -1,0 +1,547 @@
+"""The memory of one training step over time, by replaying the family file's ``[flow]`` op by op.
+
+Model states (weights, gradients, optimizer state) are static; what makes a step run out of memory is
+what autograd keeps between forward and backward. Each op of the flow says what it allocates and what
+it saves, following what torch's derivative formulas save (``tools/autograd/derivatives.yaml``):
+
+- a Linear saves its input when its weight trains, and its weight when its input needs a gradient
+  (free in full precision, a half-precision copy under autocast, which also casts the input);
+- LayerNorm saves its input (plus a mean and a reciprocal deviation per token); T5's RMSNorm, written
+  out in Python, saves its input and the normalised tensor;
+- dropout saves its mask (on the CPU a full tensor of the input's dtype, on CUDA one byte per value);
+- GELU saves its input, ReLU its output, GPT-2's tanh GELU four tensors (it is written out in Python);
+- eager attention saves contiguous copies of q, k and v, the softmax output and, with dropout, the mask
+  and the dropped probabilities (all ``b*heads*q*k``); the fused kernels (sdpa, flash) save q, k, v,
+  the output and a log-sum-exp per row, never the ``q*k`` scores (Dao et al. 2022, arXiv:2205.14135);
+- the loss keeps the log-probabilities (``tokens*V`` in fp32) for its backward.
+
+A tensor saved by several ops (the input of q, k and v) is held once. Backward runs the flow in
+reverse: it frees what each op saved, holds the gradients flowing between ops, and allocates weight
+gradients as it reaches the weights. With gradient checkpointing a layer keeps only its inputs and is
+re-run during backward. The peak over forward, backward and the optimizer step is the step's peak.
+
+Torch-free: this is the analytic path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from . import expr
+from .families import concrete_parameters, families
+from .flops import ELEMENTWISE, _base_name, _layers, _modules
+from .memory import DTYPE_BYTES, buffer_bytes, model_states
+from .step import Step, check_fits_model
+
+SCOPE_END = "|"  # in a flow: a Python function returns here, and the values only it still held are freed
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "transient")
+LM_TASKS = ("masked-lm", "causal-lm", "seq2seq-lm")
+# What each activation function keeps for backward, in tensors the size of its input (written out in
+# Python, GPT-2's tanh GELU keeps x, tanh(...), 0.5*x and 1 + tanh(...)).
+ACTIVATION_SAVES = {"gelu": ("input",), "gelu_pytorch_tanh": ("input",), "relu": ("output",), "silu": ("input",),
+                    "gelu_new": ("input", "new", "new", "new"), "bloom_gelu": ("input",), "tanh": ("output",)}
+# transformers' T5Config turns feed_forward_proj into the activation it runs
+T5_ACTIVATION = {"relu": "relu", "gated-gelu": "gelu_new", "gelu": "gelu", "gated-silu": "silu", "silu": "silu"}
+
+
+@dataclass
+class Value:
+    """One tensor flowing between ops."""
+
+    tid: int
+    elements: int
+    width: int  # bytes per element
+    grad: bool  # it needs a gradient (something before it trains)
+
+    @property
+    def bytes(self) -> int:
+        return self.elements * self.width
+
+
+@dataclass
+class _Record:
+    """What backward needs to know about one forward op."""
+
+    inputs: list[Value]
+    output: Value | None
+    saved: list[int]  # tensor ids held for backward
+    saved_sizes: list[tuple[int, str]]  # (bytes, category) to re-create them when a checkpointed layer re-runs
+    weight_grads: list[tuple[str, int]]  # (parameter tensor name, gradient bytes)
+
+
+@dataclass
+class Timeline:
+    """Peak bytes, when it happens, and what was alive then."""
+
+    peak: int = 0
+    phase_of_peak: str = ""
+    at_peak: dict[str, int] = field(default_factory=dict)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+
+class _Ledger:
+    """Reference-counted allocations by category, with the running peak."""
+
+    def __init__(self):
+        self.size: dict[int, tuple[int, str]] = {}
+        self.refs: dict[int, int] = {}
+        self.totals = dict.fromkeys(CATEGORIES, 0)
+        self.current = 0
+        self.phase = "forward"
+        self.timeline = Timeline()
+        self._next = 0
+
+    def new(self, nbytes: int, category: str) -> int:
+        self._next += 1
+        tid = self._next
+        self.size[tid], self.refs[tid] = (nbytes, category), 1
+        self.totals[category] += nbytes
+        self.current += nbytes
+        timeline = self.timeline
+        timeline.phase_peaks[self.phase] = max(timeline.phase_peaks.get(self.phase, 0), self.current)
+        if self.current > timeline.peak:
+            timeline.peak, timeline.phase_of_peak, timeline.at_peak = self.current, self.phase, dict(self.totals)
+        return tid
+
+    def hold(self, tid: int) -> int:
+        self.refs[tid] += 1
+        return tid
+
+    def drop(self, tid: int) -> None:
+        self.refs[tid] -= 1
+        if self.refs[tid] == 0:
+            nbytes, category = self.size.pop(tid)
+            del self.refs[tid]
+            self.totals[category] -= nbytes
+            self.current -= nbytes
+
+
+@dataclass
+class _Context:
+    step: Step
+    values: dict
+    config: dict
+    modules: dict
+    family: object
+    compute: int  # bytes per activation element (2 under autocast)
+    master: int  # bytes per parameter element
+    autocast: bool
+    device: str
+    lora_dropout: float
+    grads: dict[str, list[list[tuple[str, int]]]]  # row name -> per layer, its trainable tensors' gradients
+    tied_to: dict[str, str]  # a tied row -> the row that owns the weight
+    layer: int = 0  # the layer the replay is in
+
+
+def simulate(result, step: Step, device: str = "cpu") -> Timeline:
+    """Replay one steady-state training step (optimizer state already allocated) and return its timeline."""
+    check_fits_model(step, result)
+    family = families()[result.family]
+    values = {**result.values, **step.symbols(result.task)}
+    for method, options in result.peft_options:
+        if method in ("prompt", "ptuning"):  # soft prompts are prepended to the tokens
+            values["s"] += options.tokens
+    states = model_states(result, step)
+    ctx = _Context(step, values, result.config, _modules(result, family, values), family,
+                   compute=DTYPE_BYTES[step.mixed_precision or step.dtype], master=DTYPE_BYTES[step.dtype],
+                   autocast=bool(step.mixed_precision), device=device,
+                   lora_dropout=next((o.dropout for m, o in result.peft_options if m == "lora"), 0.0),
+                   grads=_gradients_by_row(result, step),
+                   tied_to={c.name: c.tied_to for c in result.components if c.tied_to})
+    ledger = _Ledger()
+    ledger.new(states.weights, "weights")
+    ledger.new(states.optimizer, "optimizer")
+    streams: dict[str, Value] = {}
+    records: list[_Record | list[_Record]] = []  # a list stands for a checkpointed layer
+    cache: list[int] = []  # autocast's cached weight copies, alive until the forward ends
+    parts = family.tasks[result.task].parts
+    last_target = _io(family.flow[parts[-1]][-1])[1]
+    sequence = [(op, index == 0) for part in parts for _ in range(_layers(result, part))
+                for index, op in enumerate(family.flow.get(part, []))]
+    dies = iter(_last_reads(sequence, set(ctx.modules), keep={"y", "p", last_target}))
+
+    prompted = any(method in ("prompt", "ptuning") for method, _ in result.peft_options)
+    first_op = family.flow[parts[0]][0]
+
+    def run(op, written):
+        if op == SCOPE_END:
+            next(dies)
+            end_of_layer()
+            return _Record([], None, [], [], [])
+        record = _forward(op, streams, ledger, ctx, cache, written)
+        if prompted and op is first_op:  # peft prepends trainable soft prompts to these embeddings
+            record.output.grad = True
+        for name in next(dies):  # nothing reads it again; the layer's Python locals hold it until it returns
+            if name in streams:
+                scope.append(ledger.hold(streams[name].tid))
+                _forget(streams, name, ledger)
+        return record
+
+    def end_of_layer():
+        for tid in scope:
+            ledger.drop(tid)
+        scope.clear()
+
+    scope: list[int] = []
+
+    for part in parts:
+        ops = family.flow.get(part, [])
+        layers = _layers(result, part)
+        checkpoint = step.grad_checkpointing and layers > 1
+        for ctx.layer in range(layers):
+            written: set[str] = set()
+            if not checkpoint:
+                records.extend(run(op, written) for op in ops)
+                end_of_layer()
+                continue
+            before = {value.tid: ledger.hold(value.tid) for value in streams.values()}
+            layer = [run(op, written) for op in ops]
+            end_of_layer()
+            used = {i.tid for record in layer for i in record.inputs}
+            for record in layer:  # the layer keeps only its inputs
+                for tid in record.saved:
+                    ledger.drop(tid)
+                record.saved = []
+            for tid in before:
+                if tid not in used:
+                    ledger.drop(tid)
+            records.append([_Record([], None, [t for t in before if t in used], [], [])] + layer)
+    loss_records = _loss(result, streams, ledger, ctx, last_target)
+    records.extend(loss_records)
+    loss = loss_records[-1].output
+    for value in streams.values():
+        ledger.drop(value.tid)
+    for tid in cache:
+        ledger.drop(tid)
+    ledger.phase = "backward"
+    grad_of = {loss.tid: ledger.new(4, "transient")}
+    allocated: set[str] = set()
+    for item in reversed(records):
+        if isinstance(item, list):  # re-run the checkpointed layer, then go back through it
+            for record in item[1:]:
+                record.saved = [ledger.new(size, "transient") for size, _ in record.saved_sizes]
+            for record in reversed(item[1:]):
+                _backward(record, ledger, grad_of, allocated)
+            for tid in item[0].saved:
+                ledger.drop(tid)
+        else:
+            _backward(item, ledger, grad_of, allocated)
+    for tid in list(grad_of.values()):
+        ledger.drop(tid)
+    missing = states.gradients - sum(ledger.size[t][0] for t in ledger.size if ledger.size[t][1] == "gradients")
+    if missing > 0:  # trainable tensors no op of the flow reached (e.g. a pooler a task does not run)
+        ledger.new(missing, "gradients")
+    ledger.phase = "optimizer"
+    ledger.new(states.optimizer_transient, "transient")
+    return ledger.timeline
+
+
+def _gradients_by_row(result, step: Step) -> dict[str, list[list[tuple[str, int]]]]:
+    """row name -> per layer, the (parameter name, gradient bytes) of its trainable tensors."""
+    width = DTYPE_BYTES[step.dtype]
+    rows: dict[str, list[tuple[str, int]]] = {}
+    for component in result.components:
+        if not component.trainable:
+            continue
+        own = 4 if component.group == "peft" and "modules_to_save" not in component.name else width
+        key = component.name
+        if component.group == "peft":
+            key = component.name.removeprefix("LoRA ").removeprefix("IA3 ")
+            key = key.removesuffix(" (trainable copy, modules_to_save)")
+        key = _base_name(key)
+        layers = component.repeat_count if "{i}" in component.param else 1
+        tensors = list(concrete_parameters(component, result.values).items())
+        per_layer = len(tensors) // layers
+        row = rows.setdefault(key, [[] for _ in range(layers)])
+        for index in range(layers):
+            row[index].extend((name, math.prod(shape) * own)
+                              for name, shape in tensors[index * per_layer:(index + 1) * per_layer])
+    return rows
+
+
+def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context, cache: list[int],
+             written: set[str]) -> _Record:
+    flow, _, name = op.partition(":")
+    sources, _, target = flow.partition("->")
+    names = [s.strip() for s in sources.split(",") if s.strip()]
+    name, target = name.strip(), target.strip()
+    record = _Record([], None, [], [], [])
+    if any(n not in streams for n in names):  # a branch this config does not have
+        return record
+    inputs = [streams[n] for n in names]
+    record.inputs = inputs
+    grad_in = any(v.grad for v in inputs)
+
+    def save(value: Value) -> None:
+        if value.tid not in record.saved:
+            record.saved.append(ledger.hold(value.tid))
+            record.saved_sizes.append((value.bytes, "activations"))
+
+    def new(elements: int, width: int, grad: bool) -> Value:
+        return Value(ledger.new(elements * width, "activations"), elements, width, grad)
+
+    if name == "first-token":  # features[:, 0]: a view of the first position
+        out = Value(ledger.hold(inputs[0].tid), inputs[0].elements // ctx.values["s"], inputs[0].width, grad_in)
+    elif name in ("+", "*", "scale"):
+        width = max(v.width for v in inputs)
+        out = new(inputs[0].elements, width, grad_in)
+        if name == "*":  # each factor is saved for the other's gradient
+            for value, other in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
+                if other.grad:
+                    save(value)
+    elif name.startswith("dropout"):
+        out = _dropout(inputs[0], float(ctx.config.get(name.split()[1], 0.0)), ledger, ctx, save)
+    elif name.startswith("act"):
+        out = _activation(name.split()[1], inputs[0], ledger, ctx, new, save)
+    elif name.startswith("upcast"):  # T5 casts the FFN's hidden state to wo's weight dtype
+        out = new(inputs[0].elements, ctx.master, grad_in) if inputs[0].width != ctx.master else inputs[0]
+        if out is inputs[0]:
+            ledger.hold(out.tid)
+    elif name.startswith("attention core"):
+        out = _attention(name, inputs, ledger, ctx, new, save)
+    else:
+        module = ctx.modules.get(name.removesuffix(" [tied]"))
+        if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5):
+            if target not in written:  # a stream left over from the previous layer is not this one's
+                _forget(streams, target, ledger)
+            return record
+        out = _module(name, module, inputs[0] if inputs else None, ledger, ctx, new, save, cache, record)
+    record.output = out
+    written.add(target)
+    if target in streams:
+        ledger.drop(streams[target].tid)
+    streams[target] = out
+    return record
+
+
+def _io(op: str) -> tuple[list[str], str]:
+    if op == SCOPE_END:
+        return [], ""
+    flow = op.partition(":")[0]
+    sources, _, target = flow.partition("->")
+    return [s.strip() for s in sources.split(",") if s.strip()], target.strip()
+
+
+def _last_reads(sequence: list[tuple[str, bool]], modules: set[str], keep: set[str]) -> list[set[str]]:
+    """For each op of the unrolled flow (op, starts a layer), the streams it is the last to read.
+
+    A dry run over stream names first decides which ops run (the same rules as ``_forward``: a module the
+    config lacks is skipped, so is an op whose inputs do not exist), so a skipped op neither reads nor
+    rewrites anything.
+    """
+    dies: list[set[str]] = [set() for _ in sequence]
+    present: set[str] = set()
+    written: set[str] = set()
+    pending: dict[str, int] = {}  # stream -> the op that read it last so far
+    for index, (op, new_layer) in enumerate(sequence):
+        if new_layer:
+            written = set()
+        inputs, target = _io(op)
+        if op == SCOPE_END or any(n not in present for n in inputs):
+            continue
+        name = op.partition(":")[2].strip()
+        is_module = not (name.split(" ")[0] in ELEMENTWISE or name.startswith("attention core"))
+        if is_module and name.removesuffix(" [tied]") not in modules:
+            if target not in written:
+                present.discard(target)
+                if target in pending:
+                    dies[pending.pop(target)].add(target)
+            continue
+        for stream in inputs:
+            pending[stream] = index
+        if target in pending and target not in inputs:  # rewritten: its previous value died at its last read
+            dies[pending.pop(target)].add(target)
+        present.add(target)
+        written.add(target)
+    for stream, index in pending.items():
+        if stream not in keep:
+            dies[index].add(stream)
+    return dies
+
+
+def _forget(streams, target, ledger) -> None:
+    if target in streams:
+        ledger.drop(streams.pop(target).tid)
+
+
+def _dropout(x: Value, p: float, ledger: _Ledger, ctx: _Context, save) -> Value:
+    if p == 0:  # torch returns its input unchanged
+        ledger.hold(x.tid)
+        return x
+    mask_width = x.width if ctx.device == "cpu" else 1  # CPU: a scaled noise tensor; CUDA: a bool mask
+    mask = Value(ledger.new(x.elements * mask_width, "activations"), x.elements, mask_width, False)
+    if x.grad:
+        save(mask)
+    ledger.drop(mask.tid)
+    return Value(ledger.new(x.bytes, "activations"), x.elements, x.width, x.grad)
+
+
+def _activation(key: str, x: Value, ledger: _Ledger, ctx: _Context, new, save) -> Value:
+    name = ctx.config.get(key, key)
+    name = T5_ACTIVATION.get(name, name) if key == "feed_forward_proj" else name
+    saves = ACTIVATION_SAVES.get(name, ("input",))
+    out = new(x.elements, x.width, x.grad)
+    if x.grad:
+        for what in saves:
+            if what == "input":
+                save(x)
+            elif what == "output":
+                save(out)
+            else:
+                extra = new(x.elements, x.width, False)
+                save(extra)
+                ledger.drop(extra.tid)  # the record holds it now
+    return out
+
+
+def _module(name, module, x: Value, ledger, ctx: _Context, new, save, cache, record) -> Value:
+    tied_copy = name.endswith(" [tied]")  # the model runs a twin of the row: same weight, no PEFT wrapper
+    row = _base_name(name.removesuffix(" [tied]"))
+    trains = module.weight_trains
+    grad_out = (x is not None and x.grad) or (module.weight_trains if tied_copy else module.any_trains)
+    per_layer = ctx.grads.get(ctx.tied_to.get(row, row), [])
+    if per_layer and (trains or not tied_copy):
+        record.weight_grads = list(per_layer[min(ctx.layer, len(per_layer) - 1)])
+    kind = module.kind
+    if kind in ("embedding", "tied") and (module.fan_in == 0 or tied_copy):  # a lookup
+        return new(module.tokens * module.fan_out, ctx.master, grad_out)
+    if kind in ("layernorm", "rmsnorm"):
+        if x.grad or trains:
+            save(x)
+            if kind == "rmsnorm" and trains:  # the normalised tensor, for the weight's gradient
+                normalised = new(x.elements, 4 if ctx.autocast else ctx.master, False)
+                save(normalised)
+                ledger.drop(normalised.tid)
+            stats = new(module.tokens * (1 if kind == "rmsnorm" else 2), 4, False)
+            save(stats)
+            ledger.drop(stats.tid)
+        return new(x.elements, 4 if ctx.autocast else ctx.master, grad_out)  # autocast runs norms in fp32
+    if kind not in ("linear", "conv1d", "tied"):
+        return new(x.elements, x.width, grad_out)
+    # a matmul: under autocast both operands are cast to half precision first
+    operand = x
+    if ctx.autocast and x.width != ctx.compute:
+        operand = new(x.elements, ctx.compute, x.grad)
+    if trains:
+        save(operand)
+    if ctx.autocast and (x.grad or module.lora_rank):
+        copy = new(module.fan_in * module.fan_out, ctx.compute, False)
+        if x.grad:
+            save(copy)
+        if module.weight_trains:  # autocast caches casts of trainable leaves until the forward ends
+            cache.append(ledger.hold(copy.tid))
+        ledger.drop(copy.tid)
+    if module.lora_rank:
+        lora_in = x
+        if ctx.lora_dropout > 0:
+            lora_in = new(x.elements, x.width, x.grad)
+            mask = new(x.elements, x.width if ctx.device == "cpu" else 1, False)
+            save(mask)
+            ledger.drop(mask.tid)
+        if ctx.autocast and lora_in.width != ctx.compute:
+            lora_cast = new(lora_in.elements, ctx.compute, lora_in.grad)
+            save(lora_cast)
+            ledger.drop(lora_cast.tid)
+        else:
+            save(lora_in)
+        if lora_in is not x:
+            ledger.drop(lora_in.tid)
+        hidden = new(module.tokens * module.lora_rank, ctx.compute, True)
+        save(hidden)
+        ledger.drop(hidden.tid)
+    out = new(module.tokens * module.fan_out, ctx.compute, grad_out)
+    if module.ia3_output:  # peft scales the output: the unscaled output is saved for the scale's gradient
+        save(out)
+        scaled = new(out.elements, out.width, True)
+        ledger.drop(out.tid)
+        out = scaled
+    if operand is not x:
+        ledger.drop(operand.tid)
+    return out
+
+
+def _attention(name, inputs, ledger, ctx: _Context, new, save) -> Value:
+    core = ctx.family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
+    values = ctx.values
+    heads, dim = expr.evaluate(core["heads"], values), expr.evaluate(core["head_dim"], values)
+    q_len, k_len = expr.evaluate(core["q_len"], values), expr.evaluate(core["k_len"], values)
+    b = values["b"]
+    q, k, v = inputs
+    grad = q.grad or k.grad or v.grad
+    width = ctx.compute
+    if ctx.step.attention != "eager":  # fused kernel: q, k, v, the output and a log-sum-exp per row
+        out = new(b * q_len * heads * dim, width, grad)
+        if grad:
+            for value in (q, k, v, out):
+                save(value)
+            lse = new(b * heads * q_len, 4, False)
+            save(lse)
+            ledger.drop(lse.tid)
+        context = new(b * q_len * heads * dim, width, grad)  # transposed back to [b, q, h*d]: a copy
+        ledger.drop(out.tid)
+        return context
+    copies = [new(b * length * heads * dim, width, value.grad) for value, length in ((q, q_len), (k, k_len), (v, k_len))]
+    qc, kc, vc = copies
+    if kc.grad:
+        save(qc)
+    if qc.grad:
+        save(kc)
+    scores = b * heads * q_len * k_len
+    logits = new(scores, width, grad)  # q @ k^T (scaled, masked): alive while the softmax is computed
+    if core.get("softmax_fp32") and ctx.autocast:  # upcast before the softmax
+        upcast = new(scores, 4, grad)
+        ledger.drop(logits.tid)
+        logits = upcast
+    probs = new(scores, width if not core.get("softmax_fp32") else 4, grad)
+    ledger.drop(logits.tid)
+    if grad:
+        save(probs)
+    if core.get("softmax_fp32") and ctx.autocast:  # cast back to the activations' dtype
+        cast = new(scores, width, grad)
+        ledger.drop(probs.tid)
+        probs = cast
+    dropped = _dropout(probs, float(ctx.config.get(core.get("dropout", ""), 0.0)), ledger, ctx, save)
+    ledger.drop(probs.tid)
+    if vc.grad:
+        save(dropped)
+    if dropped.grad:
+        save(vc)
+    for value in (*copies, dropped):
+        ledger.drop(value.tid)
+    return new(b * q_len * heads * dim, width, grad)  # heads merged back: a contiguous copy
+
+
+def _loss(result, streams, ledger, ctx: _Context, last_target: str) -> list[_Record]:
+    """Cross-entropy keeps the fp32 log-probabilities; a bare backbone gets the tracer's stand-in loss
+    (the mean square of its outputs), which keeps those outputs."""
+    if "y" in streams:
+        logits = streams["y"]
+        logprobs = Value(ledger.new(logits.elements * 4, "activations"), logits.elements, 4, logits.grad)
+        softmax = _Record([logits], logprobs, [logprobs.tid], [(logprobs.bytes, "activations")], [])
+        loss = Value(ledger.new(4, "activations"), 1, 4, True)
+        return [softmax, _Record([logprobs], loss, [], [], [])]
+    outputs = [streams[n] for n in dict.fromkeys((last_target, "p")) if n in streams]
+    loss = Value(ledger.new(4, "activations"), 1, 4, True)
+    return [_Record(outputs, loss, [ledger.hold(v.tid) for v in outputs], [(v.bytes, "activations") for v in outputs],
+                    [])]
+
+
+def _backward(record: _Record, ledger: _Ledger, grad_of: dict[int, int], allocated: set[str]) -> None:
+    out = record.output
+    if out is not None and out.tid in grad_of:
+        for value in record.inputs:
+            if value.grad and value.tid not in grad_of:
+                grad_of[value.tid] = ledger.new(value.bytes, "transient")
+        for name, nbytes in record.weight_grads:
+            if name not in allocated:
+                allocated.add(name)
+                ledger.new(nbytes, "gradients")
+            else:  # a tied weight's second gradient is made, then added out of place into .grad
+                second, total = ledger.new(nbytes, "transient"), ledger.new(nbytes, "transient")
+                ledger.drop(second)
+                ledger.drop(total)
+        ledger.drop(grad_of.pop(out.tid))
+    for tid in record.saved:
+        ledger.drop(tid)
+    record.saved = []

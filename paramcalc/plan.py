@@ -1,0 +1,272 @@
+"""Will it fit, and how long will it take? A training step's memory, FLOPs and throughput on a device.
+
+Builds on three torch-free pieces: ``memory.model_states`` (weights, gradients, optimizer state),
+``activations.simulate`` (the step replayed op by op, for activations and transient peaks) and
+``flops.step_flops``. Here they are sharded across GPUs, put on a device and turned into time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ParamcalcError
+from .step import Step
+
+GIB = 1024**3
+
+# Datasheet figures (dense, no sparsity). memory in bytes, matmul FLOP/s for half precision (tensor cores)
+# and fp32, memory bandwidth in bytes/s. Sources: NVIDIA product datasheets (T4, A10, L4, A100, H100 SXM).
+# AWS publishes no A10G datasheet; it is the A10's GA102 chip, so the A10 figures stand in for it.
+DEVICES = {
+    "t4": {"memory": 16 * 10**9, "half": 65e12, "fp32": 8.1e12, "bandwidth": 320e9, "kind": "cuda"},
+    "a10g": {"memory": 24 * 10**9, "half": 125e12, "fp32": 31.2e12, "bandwidth": 600e9, "kind": "cuda"},
+    "l4": {"memory": 24 * 10**9, "half": 121e12, "fp32": 30.3e12, "bandwidth": 300e9, "kind": "cuda"},
+    "a100-40gb": {"memory": 40 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 1555e9, "kind": "cuda"},
+    "a100-80gb": {"memory": 80 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 2039e9, "kind": "cuda"},
+    "h100-80gb": {"memory": 80 * 10**9, "half": 989e12, "fp32": 67e12, "bandwidth": 3350e9, "kind": "cuda"},
+    "cpu": {"memory": None, "half": None, "fp32": None, "bandwidth": None, "kind": "cpu"},
+}
+# Named, not hidden: the CUDA context, cuBLAS workspaces and the caching allocator's slack take memory no
+# tensor accounts for. 0.5 GiB is an assumption (it varies by driver and GPU), shown as its own term.
+CUDA_OVERHEAD = GIB // 2
+# Datasheet peaks are never reached by a training step; 40 % model FLOPs utilisation is an assumption in
+# line with what large runs report (PaLM: 46.2 %, Chowdhery et al. 2022, arXiv:2204.02311, table 3).
+DATASHEET_UTILISATION = 0.4
+SHARDING = ("zero", "fsdp")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Data-parallel sharding of the model states (ZeRO stages, Rajbhandari et al. 2020, arXiv:1910.02054)."""
+
+    gpus: int = 1
+    zero: int = 0  # 1: optimizer state, 2: + gradients, 3: + weights, each split across the GPUs
+
+    def __post_init__(self):
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
+            raise ParamcalcError(f"--gpus must be a positive integer, got {self.gpus!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ParamcalcError(f"--zero must be 0, 1, 2 or 3, got {self.zero!r}")
+
+    @classmethod
+    def from_options(cls, gpus: int = 1, zero: int | None = None, fsdp: str | None = None) -> "Parallel":
+        if zero is not None and fsdp is not None:
+            raise ParamcalcError("--zero and --fsdp both shard the model states; give one of them")
+        stages = {None: 0, "full": 3, "grad-op": 2}
+        if fsdp not in stages:
+            raise ParamcalcError(f"--fsdp must be full or grad-op, got {fsdp!r}")
+        return cls(gpus, zero if zero is not None else stages[fsdp])
+
+    def shard(self, weights: int, gradients: int, optimizer: int) -> tuple[int, int, int]:
+        """Bytes of each model state one GPU holds."""
+        n = self.gpus
+        return (-(-weights // n) if self.zero >= 3 else weights, -(-gradients // n) if self.zero >= 2 else gradients,
+                -(-optimizer // n) if self.zero >= 1 else optimizer)
+
+
+@dataclass
+class Profile:
+    name: str
+    memory: int | None
+    flops_per_s: float | None  # achieved matmul FLOP/s at the step's compute precision
+    bandwidth: float | None
+    kind: str  # cpu | cuda: which rules the activations follow (dropout masks, autocast)
+    source: str
+
+
+def profile(name: str | None, step: Step, device_mem: str | None = None) -> Profile:
+    """A named device, a profile saved by ``paramcalc calibrate``, or this CPU when nothing is named."""
+    name = name or "cpu"
+    half = bool(step.mixed_precision) or step.dtype != "fp32"
+    if name in DEVICES:
+        spec = DEVICES[name]
+        rate = spec["half" if half else "fp32"]
+        result = Profile(name, spec["memory"], rate * DATASHEET_UTILISATION if rate else None, spec["bandwidth"],
+                         spec["kind"], "datasheet" if rate else "this machine")
+        if name == "cpu":
+            saved = _load_calibration("cpu")
+            if saved:
+                result = Profile("cpu", None, saved["half" if half else "fp32"], saved["bandwidth"], "cpu",
+                                 f"calibrated {saved['when']}")
+    else:
+        saved = _load_calibration(name)
+        if saved is None:
+            raise ParamcalcError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)}, or a profile "
+                                 "saved by 'paramcalc calibrate --name NAME'")
+        result = Profile(name, saved.get("memory"), saved["half" if half else "fp32"], saved["bandwidth"],
+                         saved.get("kind", "cpu"), f"calibrated {saved['when']}")
+    if device_mem is not None:
+        result.memory = parse_bytes(device_mem)
+    return result
+
+
+def parse_bytes(text: str) -> int:
+    units = {"gib": GIB, "gb": 10**9, "mib": 1024**2, "mb": 10**6, "kib": 1024, "kb": 1000, "b": 1}
+    value = str(text).strip().lower().replace(" ", "")
+    for unit, scale in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)]
+            break
+    else:
+        number, scale = value, 1
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ParamcalcError(f"--device-mem must be a size such as 16GiB or 24GB, got {text!r}") from None
+    if amount <= 0:
+        raise ParamcalcError(f"--device-mem must be positive, got {text!r}")
+    return int(amount * scale)
+
+
+def calibration_dir() -> Path:
+    root = os.environ.get("PARAMCALC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "paramcalc")
+    return Path(root) / "profiles"
+
+
+def _load_calibration(name: str) -> dict | None:
+    path = calibration_dir() / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Plan:
+    memory: dict[str, int]
+    formulas: dict[str, str]
+    flops: dict[str, int] | None
+    throughput: dict | None
+    profile: Profile
+    parallel: Parallel
+    phase_of_peak: str
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self) -> bool | None:
+        return None if self.profile.memory is None else self.memory["peak"] <= self.profile.memory
+
+    def to_dict(self) -> dict:
+        return {"memory": self.memory, "flops": self.flops, "throughput": self.throughput,
+                "device": {"profile": self.profile.name, "memory": self.profile.memory, "fits": self.fits(),
+                           "gpus": self.parallel.gpus, "zero": self.parallel.zero},
+                "phase_of_peak": self.phase_of_peak, "notes": self.notes}
+
+
+# The band around the predicted peak: the replay matched traced steps within 5 % (tests/test_memory.py);
+# allocator rounding and fragmentation on a real device only add memory.
+BAND = (0.95, 1.10)
+
+
+def plan(result, step: Step, device: str | None = None, device_mem: str | None = None,
+         parallel: Parallel | None = None) -> Plan:
+    from . import activations
+    from .flops import UNMODELLED, step_flops
+    from .memory import model_states
+
+    parallel = parallel or Parallel()
+    chosen = profile(device, step, device_mem)
+    if parallel.gpus > 1 and chosen.kind == "cpu":
+        raise ParamcalcError("--gpus shards model states across GPUs; name a GPU with --device (e.g. a100-80gb)")
+    if any(method in ("adapter", "prefix") for method, _ in result.peft_options):
+        raise ParamcalcError("the memory replay covers full fine-tuning, LoRA, IA3, prompt tuning and p-tuning; "
+                             "adapters and prefix tuning are not modelled yet")
+    states = model_states(result, step)
+    timeline = activations.simulate(result, step, device=chosen.kind)
+    at_peak = timeline.at_peak
+    # the terms alive at the peak, with the model states each GPU keeps under sharding
+    weights, gradients, optimizer = parallel.shard(at_peak["weights"], at_peak["gradients"], at_peak["optimizer"])
+    if parallel.zero >= 3:  # ZeRO-3/FSDP gather one layer's full weights at a time
+        weights += _largest_layer_bytes(result, step)
+    overhead = CUDA_OVERHEAD if chosen.kind == "cuda" else 0
+    peak = weights + gradients + optimizer + at_peak["activations"] + at_peak["transient"] + overhead
+    memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+              "activations": at_peak["activations"], "transient": at_peak["transient"], "overhead": overhead,
+              "peak": peak, "band": [int(peak * BAND[0]), int(peak * BAND[1])]}
+    formulas = _formulas(step, parallel)
+    notes = []
+    flops = throughput = None
+    methods = {m for m, _ in result.peft_options}
+    if not (methods & set(UNMODELLED)) and not any(getattr(o, "dora", False) for _, o in result.peft_options):
+        counted = step_flops(result, step)
+        optimizer_flops = _optimizer_flops(states, step)
+        flops = {"forward": counted.forward, "backward": counted.backward, "optimizer": optimizer_flops,
+                 "total": counted.total + optimizer_flops}
+        throughput = _throughput(flops, states, step, chosen, result)
+    else:
+        notes.append("FLOPs and throughput cover full fine-tuning, LoRA and IA3; prompt methods change the "
+                     "sequence (measure them with 'paramcalc trace')")
+    return Plan(memory, formulas, flops, throughput, chosen, parallel, timeline.phase_of_peak, notes)
+
+
+def _largest_layer_bytes(result, step: Step) -> int:
+    from .memory import DTYPE_BYTES
+
+    width = DTYPE_BYTES[step.dtype]
+    return max((c.count // max(c.repeat_count, 1) * width for c in result.components), default=0)
+
+
+def _optimizer_flops(states, step: Step) -> int:
+    """Elementwise work of the update, counted as torch's FlopCounterMode counts it: none (no matmuls)."""
+    return 0
+
+
+def _throughput(flops: dict, states, step: Step, chosen: Profile, result) -> dict | None:
+    if not chosen.flops_per_s:
+        return {"tokens_per_s": None, "step_s": None, "profile": chosen.name,
+                "why": "no FLOP rate for this device: run 'paramcalc calibrate' or name a GPU with --device"}
+    # matmuls at the achieved rate, plus the optimizer pass streaming the model states through memory
+    # (read weights, gradients and state, write weights and state)
+    compute_s = flops["total"] / chosen.flops_per_s
+    memory_s = (2 * states.weights + states.gradients + 2 * states.optimizer) / chosen.bandwidth
+    step_s = compute_s + memory_s
+    tokens = step.batch * step.symbols(result.task)["s"]
+    return {"tokens_per_s": tokens / step_s, "step_s": step_s, "profile": chosen.name, "source": chosen.source}
+
+
+def _formulas(step: Step, parallel: Parallel) -> dict[str, str]:
+    n = parallel.gpus
+    return {
+        "weights": "params x bytes(dtype) + buffers" + (f" / {n} (ZeRO-3)" if parallel.zero >= 3 else ""),
+        "gradients": "trainable x bytes(dtype)" + (f" / {n} (ZeRO-2)" if parallel.zero >= 2 else ""),
+        "optimizer": {"adamw": "trainable x 2 x bytes(dtype) + 4 B per tensor", "adam": "trainable x 2 x bytes(dtype) + 4 B per tensor",
+                      "sgd-momentum": "trainable x bytes(dtype)", "sgd": "0", "adamw-8bit": "trainable x 2 B + absmax",
+                      "adafactor": "(rows + cols) x 4 B per matrix"}[step.optimizer]
+                     + (f" / {n} (ZeRO-1)" if parallel.zero >= 1 else ""),
+        "activations": "what the flow's ops save for backward, alive at the peak (replayed op by op)",
+        "transient": "gradients flowing between ops, recomputed layers, the optimizer's temporaries",
+        "overhead": "CUDA context + allocator (assumed 0.5 GiB on a GPU, none on the CPU)",
+    }
+
+
+def fit_batch(result, step: Step, device: str | None, device_mem: str | None, parallel: Parallel | None = None,
+              limit: int = 4096) -> tuple[int, list[tuple[int, int]]]:
+    """The largest batch whose predicted peak fits, and the (batch, peak) curve it was found on."""
+    from dataclasses import replace
+
+    chosen = profile(device, step, device_mem)
+    if chosen.memory is None:
+        raise ParamcalcError("--fit-batch needs the device's memory: give --device-mem (e.g. 16GiB) or a GPU "
+                             "--device")
+    curve = []
+
+    def peak(batch: int) -> int:
+        value = plan(result, replace(step, batch=batch), device, device_mem, parallel).memory["peak"]
+        curve.append((batch, value))
+        return value
+
+    if peak(1) > chosen.memory:
+        return 0, curve
+    low, high = 1, 2
+    while high <= limit and peak(high) <= chosen.memory:  # double until it no longer fits
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if peak(middle) <= chosen.memory:
+            low = middle
+        else:
+            high = middle
+    return low, sorted(set(curve))

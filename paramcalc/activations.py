@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from . import expr
 from .families import concrete_parameters, families
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
-from .memory import DTYPE_BYTES, buffer_bytes, model_states
+from .memory import DTYPE_BYTES, model_states
 from .step import Step, check_fits_model
 
 SCOPE_END = "|"  # in a flow: a Python function returns here, and the values only it still held are freed

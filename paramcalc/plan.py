@@ -191,7 +191,7 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
     methods = {m for m, _ in result.peft_options}
     if not (methods & set(UNMODELLED)) and not any(getattr(o, "dora", False) for _, o in result.peft_options):
         counted = step_flops(result, step)
-        optimizer_flops = _optimizer_flops(states, step)
+        optimizer_flops = 0  # the update is elementwise: FlopCounterMode counts no matmul in it
         flops = {"forward": counted.forward, "backward": counted.backward, "optimizer": optimizer_flops,
                  "total": counted.total + optimizer_flops}
         throughput = _throughput(flops, states, step, chosen, result)
@@ -206,11 +206,6 @@ def _largest_layer_bytes(result, step: Step) -> int:
 
     width = DTYPE_BYTES[step.dtype]
     return max((c.count // max(c.repeat_count, 1) * width for c in result.components), default=0)
-
-
-def _optimizer_flops(states, step: Step) -> int:
-    """Elementwise work of the update, counted as torch's FlopCounterMode counts it: none (no matmuls)."""
-    return 0
 
 
 def _throughput(flops: dict, states, step: Step, chosen: Profile, result) -> dict | None:

@@ -41,6 +41,9 @@ LM_TASKS = ("masked-lm", "causal-lm", "seq2seq-lm")
 # Python, GPT-2's tanh GELU keeps x, tanh(...), 0.5*x and 1 + tanh(...)).
 ACTIVATION_SAVES = {"gelu": ("input",), "gelu_pytorch_tanh": ("input",), "relu": ("output",), "silu": ("input",),
                     "gelu_new": ("input", "new", "new", "new"), "bloom_gelu": ("input",), "tanh": ("output",)}
+# Backward formulas written out in Python hold several input-sized temporaries at once: BLOOM's
+# bloom_gelu_back has five alive while it builds its derivative.
+ACTIVATION_BACKWARD_SCRATCH = {"bloom_gelu": 5}
 # transformers' T5Config turns feed_forward_proj into the activation it runs
 T5_ACTIVATION = {"relu": "relu", "gated-gelu": "gelu_new", "gelu": "gelu", "gated-silu": "silu", "silu": "silu"}
 
@@ -68,6 +71,7 @@ class _Record:
     saved: list[int]  # tensor ids held for backward
     saved_sizes: list[tuple[int, str]]  # (bytes, category) to re-create them when a checkpointed layer re-runs
     weight_grads: list[tuple[str, int]]  # (parameter tensor name, gradient bytes)
+    scratch: int = 0  # bytes of temporaries its backward holds before it returns the input's gradient
 
 
 @dataclass
@@ -293,7 +297,7 @@ def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context,
     elif name.startswith("dropout"):
         out = _dropout(inputs[0], float(ctx.config.get(name.split()[1], 0.0)), ledger, ctx, save)
     elif name.startswith("act"):
-        out = _activation(name.split()[1], inputs[0], ledger, ctx, new, save)
+        out = _activation(name.split()[1], inputs[0], ledger, ctx, new, save, record)
     elif name.startswith("upcast"):  # T5 casts the FFN's hidden state to wo's weight dtype
         out = new(inputs[0].elements, ctx.master, grad_in) if inputs[0].width != ctx.master else inputs[0]
         if out is inputs[0]:
@@ -307,7 +311,10 @@ def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context,
                 _forget(streams, target, ledger)
             return record
         out = _module(name, module, inputs[0] if inputs else None, ledger, ctx, new, save, cache, record)
-    record.output = out
+    if out is not inputs[0] if inputs else True:
+        record.output = out
+    else:  # an identity (dropout with p=0, a cast to the dtype it has): nothing for backward to do
+        record.inputs = []
     written.add(target)
     if target in streams:
         ledger.drop(streams[target].tid)
@@ -377,9 +384,10 @@ def _dropout(x: Value, p: float, ledger: _Ledger, ctx: _Context, save) -> Value:
     return Value(ledger.new(x.bytes, "activations"), x.elements, x.width, x.grad)
 
 
-def _activation(key: str, x: Value, ledger: _Ledger, ctx: _Context, new, save) -> Value:
+def _activation(key: str, x: Value, ledger: _Ledger, ctx: _Context, new, save, record: _Record) -> Value:
     name = ctx.config.get(key, key)
     name = T5_ACTIVATION.get(name, name) if key == "feed_forward_proj" else name
+    record.scratch = ACTIVATION_BACKWARD_SCRATCH.get(name, 0) * x.bytes
     saves = ACTIVATION_SAVES.get(name, ("input",))
     out = new(x.elements, x.width, x.grad)
     if x.grad:
@@ -489,20 +497,26 @@ def _attention(name, inputs, ledger, ctx: _Context, new, save) -> Value:
         save(kc)
     scores = b * heads * q_len * k_len
     logits = new(scores, width, grad)  # q @ k^T (scaled, masked): alive while the softmax is computed
-    if core.get("softmax_fp32") and ctx.autocast:  # upcast before the softmax
+    # autocast runs softmax in fp32 (both on CPU and CUDA); T5 and BLOOM ask for fp32 themselves
+    fp32_softmax = ctx.autocast or core.get("softmax_fp32", False)
+    if fp32_softmax and width != 4:
         upcast = new(scores, 4, grad)
         ledger.drop(logits.tid)
         logits = upcast
-    probs = new(scores, width if not core.get("softmax_fp32") else 4, grad)
+    probs = new(scores, 4 if fp32_softmax else width, grad)
     ledger.drop(logits.tid)
     if grad:
         save(probs)
-    if core.get("softmax_fp32") and ctx.autocast:  # cast back to the activations' dtype
+    if probs.width != width and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(input_dtype)
         cast = new(scores, width, grad)
         ledger.drop(probs.tid)
         probs = cast
     dropped = _dropout(probs, float(ctx.config.get(core.get("dropout", ""), 0.0)), ledger, ctx, save)
     ledger.drop(probs.tid)
+    if dropped.width != width:  # the matmul with v casts the probabilities to half precision itself
+        cast = new(scores, width, dropped.grad)
+        ledger.drop(dropped.tid)
+        dropped = cast
     if vc.grad:
         save(dropped)
     if dropped.grad:
@@ -516,11 +530,17 @@ def _loss(result, streams, ledger, ctx: _Context, last_target: str) -> list[_Rec
     """Cross-entropy keeps the fp32 log-probabilities; a bare backbone gets the tracer's stand-in loss
     (the mean square of its outputs), which keeps those outputs."""
     if "y" in streams:
-        logits = streams["y"]
+        logits, records = streams["y"], []
+        if logits.width != 4:  # half logits are upcast first (by the loss or by autocast's log_softmax)
+            upcast = Value(ledger.new(logits.elements * 4, "activations"), logits.elements, 4, logits.grad)
+            records.append(_Record([logits], upcast, [], [], []))
+            logits = upcast
         logprobs = Value(ledger.new(logits.elements * 4, "activations"), logits.elements, 4, logits.grad)
-        softmax = _Record([logits], logprobs, [logprobs.tid], [(logprobs.bytes, "activations")], [])
+        records.append(_Record([logits], logprobs, [logprobs.tid], [(logprobs.bytes, "activations")], []))
+        if logits is not streams["y"]:  # the fp32 copy dies once the log-probabilities exist
+            ledger.drop(logits.tid)
         loss = Value(ledger.new(4, "activations"), 1, 4, True)
-        return [softmax, _Record([logprobs], loss, [], [], [])]
+        return records + [_Record([logprobs], loss, [], [], [])]
     outputs = [streams[n] for n in dict.fromkeys((last_target, "p")) if n in streams]
     loss = Value(ledger.new(4, "activations"), 1, 4, True)
     return [_Record(outputs, loss, [ledger.hold(v.tid) for v in outputs], [(v.bytes, "activations") for v in outputs],
@@ -530,6 +550,8 @@ def _loss(result, streams, ledger, ctx: _Context, last_target: str) -> list[_Rec
 def _backward(record: _Record, ledger: _Ledger, grad_of: dict[int, int], allocated: set[str]) -> None:
     out = record.output
     if out is not None and out.tid in grad_of:
+        if record.scratch:
+            ledger.drop(ledger.new(record.scratch, "transient"))
         for value in record.inputs:
             if value.grad and value.tid not in grad_of:
                 grad_of[value.tid] = ledger.new(value.bytes, "transient")

@@ -159,6 +159,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     streams: dict[str, Value] = {}
     records: list[_Record | list[_Record]] = []  # a list stands for a checkpointed layer
     cache: list[int] = []  # autocast's cached weight copies, alive until the forward ends
+    pinned: list[int] = []  # values the model's forward keeps in a local ("keep"), alive until it returns
     parts = family.tasks[result.task].parts
     last_target = _io(family.flow[parts[-1]][-1])[1]
     sequence = [(op, index == 0) for part in parts for _ in range(_layers(result, part))
@@ -173,6 +174,8 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
             next(dies)
             end_of_layer()
             return _Record([], None, [], [], [])
+        if op.endswith(": keep") and _io(op)[0][0] in streams:
+            pinned.append(ledger.hold(streams[_io(op)[0][0]].tid))
         record = _forward(op, streams, ledger, ctx, cache, written)
         if prompted and op is first_op:  # peft prepends trainable soft prompts to these embeddings
             record.output.grad = True
@@ -196,8 +199,12 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
         for ctx.layer in range(layers):
             written: set[str] = set()
             if not checkpoint:
+                # the layer's forward holds its arguments (the streams it reads) until it returns
+                arguments = [ledger.hold(streams[n].tid) for n in _reads(ops) if n in streams]
                 records.extend(run(op, written) for op in ops)
                 end_of_layer()
+                for tid in arguments:
+                    ledger.drop(tid)
                 continue
             before = {value.tid: ledger.hold(value.tid) for value in streams.values()}
             layer = [run(op, written) for op in ops]
@@ -216,7 +223,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     loss = loss_records[-1].output
     for value in streams.values():
         ledger.drop(value.tid)
-    for tid in cache:
+    for tid in cache + pinned:
         ledger.drop(tid)
     ledger.phase = "backward"
     grad_of = {loss.tid: ledger.new(4, "transient")}
@@ -285,7 +292,10 @@ def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context,
     def new(elements: int, width: int, grad: bool) -> Value:
         return Value(ledger.new(elements * width, "activations"), elements, width, grad)
 
-    if name == "first-token":  # features[:, 0]: a view of the first position
+    if name == "keep":  # the value stays as it is (and is pinned by the caller)
+        out = inputs[0]
+        ledger.hold(out.tid)
+    elif name == "first-token":  # features[:, 0]: a view of the first position
         out = Value(ledger.hold(inputs[0].tid), inputs[0].elements // ctx.values["s"], inputs[0].width, grad_in)
     elif name in ("+", "*", "scale"):
         width = max(v.width for v in inputs)
@@ -320,6 +330,16 @@ def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context,
         ledger.drop(streams[target].tid)
     streams[target] = out
     return record
+
+
+def _reads(ops: list[str]) -> list[str]:
+    """The streams a part reads before writing them: its arguments."""
+    written, reads = set(), []
+    for op in ops:
+        inputs, target = _io(op)
+        reads += [n for n in inputs if n not in written and n not in reads]
+        written.add(target)
+    return reads
 
 
 def _io(op: str) -> tuple[list[str], str]:
@@ -455,6 +475,9 @@ def _module(name, module, x: Value, ledger, ctx: _Context, new, save, cache, rec
             save(lora_in)
         if lora_in is not x:
             ledger.drop(lora_in.tid)
+        if ctx.autocast:  # A and B are trainable leaves: autocast caches their half copies
+            for elements in (module.fan_in * module.lora_rank, module.lora_rank * module.fan_out):
+                cache.append(new(elements, ctx.compute, False).tid)
         hidden = new(module.tokens * module.lora_rank, ctx.compute, True)
         save(hidden)
         ledger.drop(hidden.tid)
@@ -497,8 +520,11 @@ def _attention(name, inputs, ledger, ctx: _Context, new, save) -> Value:
         save(kc)
     scores = b * heads * q_len * k_len
     logits = new(scores, width, grad)  # q @ k^T (scaled, masked): alive while the softmax is computed
-    # autocast runs softmax in fp32 (both on CPU and CUDA); T5 and BLOOM ask for fp32 themselves
-    fp32_softmax = ctx.autocast or core.get("softmax_fp32", False)
+    # The softmax runs in fp32 when the model asks for it (BLOOM), when an fp32 mask or position bias is
+    # added to half-precision scores (type promotion), and always under CUDA autocast (softmax is on its
+    # fp32 list; CPU autocast leaves it in the input's dtype).
+    fp32_softmax = core.get("softmax_fp32", False) or (
+        ctx.autocast and (ctx.device != "cpu" or core.get("fp32_mask", False)))
     if fp32_softmax and width != 4:
         upcast = new(scores, 4, grad)
         ledger.drop(logits.tid)

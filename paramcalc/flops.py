@@ -22,7 +22,7 @@ from .step import Step, check_fits_model
 MATMUL_KINDS = ("linear", "conv1d", "tied")
 # flow ops without a weight (residual add, product, dropout, activation, casts, scaling, views): they pass
 # gradients on and count no matmul FLOPs
-ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token")
+ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token", "keep")
 UNMODELLED = ("prompt", "prefix", "ptuning", "adapter")  # change sequence lengths or add modules to the flow
 
 

@@ -72,6 +72,18 @@ class _Record:
     saved_sizes: list[tuple[int, str]]  # (bytes, category) to re-create them when a checkpointed layer re-runs
     weight_grads: list[tuple[str, int]]  # (parameter tensor name, gradient bytes)
     scratch: int = 0  # bytes of temporaries its backward holds before it returns the input's gradient
+    leaf: bool = False  # its output is a leaf made to need a gradient: the gradient stays as its .grad
+    op: str = ""  # the flow op it ran, and the streams nothing reads after it (to re-run checkpointed layers)
+    dead: tuple[str, ...] = ()
+
+
+@dataclass
+class _Checkpointed:
+    """A checkpointed layer: the streams it was called with, kept; its ops, re-run in backward."""
+
+    layer: int
+    arguments: dict[str, Value]
+    records: list[_Record]
 
 
 @dataclass
@@ -97,6 +109,8 @@ class _Ledger:
         self._next = 0
 
     def new(self, nbytes: int, category: str) -> int:
+        if category == "activations" and self.phase != "forward":  # a checkpointed layer's re-run
+            category = "transient"
         self._next += 1
         tid = self._next
         self.size[tid], self.refs[tid] = (nbytes, category), 1
@@ -168,21 +182,27 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
 
     prompted = any(method in ("prompt", "ptuning") for method, _ in result.peft_options)
     first_op = family.flow[parts[0]][0]
+    input_embedding = first_op.partition(":")[2].strip()
+    leaves: list[int] = []  # frozen lookups made to need a gradient: alive until backward ends
 
     def run(op, written):
         if op == SCOPE_END:
             next(dies)
             end_of_layer()
-            return _Record([], None, [], [], [])
+            return _Record([], None, [], [], [], op=op)
         if op.endswith(": keep") and _io(op)[0][0] in streams:
             pinned.append(ledger.hold(streams[_io(op)[0][0]].tid))
         record = _forward(op, streams, ledger, ctx, cache, written)
         if prompted and op is first_op:  # peft prepends trainable soft prompts to these embeddings
             record.output.grad = True
-        for name in next(dies):  # nothing reads it again; the layer's Python locals hold it until it returns
-            if name in streams:
-                scope.append(ledger.hold(streams[name].tid))
-                _forget(streams, name, ledger)
+        lookup = op.startswith("->") and op.partition(":")[2].strip() == input_embedding
+        if lookup and step.grad_checkpointing and record.output and not record.output.grad:
+            # transformers' gradient_checkpointing_enable hooks the input embeddings so that their output
+            # needs a gradient: with a frozen embedding that output is a leaf the graph holds
+            record.output.grad = record.leaf = True
+            leaves.append(ledger.hold(record.output.tid))
+        record.op, record.dead = op, tuple(next(dies))
+        _let_go(record.dead, streams, scope, ledger)
         return record
 
     def end_of_layer():
@@ -206,18 +226,23 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
                 for tid in arguments:
                     ledger.drop(tid)
                 continue
-            before = {value.tid: ledger.hold(value.tid) for value in streams.values()}
-            layer = [run(op, written) for op in ops]
-            end_of_layer()
-            used = {i.tid for record in layer for i in record.inputs}
-            for record in layer:  # the layer keeps only its inputs
+            before = {name: value for name, value in streams.items()}
+            for value in before.values():
+                ledger.hold(value.tid)
+            layer = []
+            for op in ops:  # checkpointing stores nothing for backward: each saved tensor is let go at once
+                record = run(op, written)
                 for tid in record.saved:
                     ledger.drop(tid)
                 record.saved = []
-            for tid in before:
-                if tid not in used:
-                    ledger.drop(tid)
-            records.append([_Record([], None, [t for t in before if t in used], [], [])] + layer)
+                layer.append(record)
+            end_of_layer()
+            used = {i.tid for record in layer for i in record.inputs}  # the layer keeps only its inputs
+            for name, value in list(before.items()):
+                if value.tid not in used:
+                    ledger.drop(value.tid)
+                    del before[name]
+            records.append(_Checkpointed(ctx.layer, before, layer))
     loss_records = _loss(result, streams, ledger, ctx, last_target)
     records.extend(loss_records)
     loss = loss_records[-1].output
@@ -229,16 +254,14 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     grad_of = {loss.tid: ledger.new(4, "transient")}
     allocated: set[str] = set()
     for item in reversed(records):
-        if isinstance(item, list):  # re-run the checkpointed layer, then go back through it
-            for record in item[1:]:
-                record.saved = [ledger.new(size, "transient") for size, _ in record.saved_sizes]
-            for record in reversed(item[1:]):
+        if isinstance(item, _Checkpointed):  # re-run the layer's forward, then go back through it
+            for record in reversed(_recompute(item, ledger, ctx, grad_of)):
                 _backward(record, ledger, grad_of, allocated)
-            for tid in item[0].saved:
-                ledger.drop(tid)
+            for value in item.arguments.values():
+                ledger.drop(value.tid)
         else:
             _backward(item, ledger, grad_of, allocated)
-    for tid in list(grad_of.values()):
+    for tid in list(grad_of.values()) + leaves:
         ledger.drop(tid)
     missing = states.gradients - sum(ledger.size[t][0] for t in ledger.size if ledger.size[t][1] == "gradients")
     if missing > 0:  # trainable tensors no op of the flow reached (e.g. a pooler a task does not run)
@@ -246,6 +269,44 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     ledger.phase = "optimizer"
     ledger.new(states.optimizer_transient, "transient")
     return ledger.timeline
+
+
+def _let_go(names, streams: dict[str, Value], scope: list[int], ledger: _Ledger) -> None:
+    """Streams nothing reads again leave the flow; the function's Python locals hold them until it returns."""
+    for name in names:
+        if name in streams:
+            scope.append(ledger.hold(streams[name].tid))
+            _forget(streams, name, ledger)
+
+
+def _recompute(item: _Checkpointed, ledger: _Ledger, ctx: _Context, grad_of: dict[int, int]) -> list[_Record]:
+    """Re-run a checkpointed layer's forward in backward, keeping what its ops save this time.
+
+    The re-run's outputs are new tensors: the gradients waiting for the first run's outputs move to them.
+    Autocast's weight copies live only as long as the re-run.
+    """
+    streams = dict(item.arguments)
+    for value in streams.values():
+        ledger.hold(value.tid)
+    ctx.layer, scope, cache, written = item.layer, [], [], set()
+    records = []
+    for first in item.records:
+        if first.op == SCOPE_END:
+            for tid in scope:
+                ledger.drop(tid)
+            scope.clear()
+            continue
+        record = _forward(first.op, streams, ledger, ctx, cache, written)
+        record.op, record.dead = first.op, first.dead
+        if first.output is not None and record.output is not None and first.output.tid in grad_of:
+            grad_of[record.output.tid] = grad_of.pop(first.output.tid)
+        _let_go(record.dead, streams, scope, ledger)
+        records.append(record)
+    for tid in scope + cache:
+        ledger.drop(tid)
+    for value in streams.values():
+        ledger.drop(value.tid)
+    return records
 
 
 def _gradients_by_row(result, step: Step) -> dict[str, list[list[tuple[str, int]]]]:
@@ -589,7 +650,10 @@ def _backward(record: _Record, ledger: _Ledger, grad_of: dict[int, int], allocat
                 second, total = ledger.new(nbytes, "transient"), ledger.new(nbytes, "transient")
                 ledger.drop(second)
                 ledger.drop(total)
-        ledger.drop(grad_of.pop(out.tid))
+        if record.leaf:  # accumulated into the leaf's .grad, freed with the graph when backward ends
+            grad_of[-out.tid] = grad_of.pop(out.tid)
+        else:
+            ledger.drop(grad_of.pop(out.tid))
     for tid in record.saved:
         ledger.drop(tid)
     record.saved = []

@@ -296,3 +296,43 @@ def trace_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
     from .report import trace_table
 
     Console().print(trace_table(result, comparison))
+
+
+@main.command("calibrate")
+@click.option("--name", default=None,
+              help="Profile name, used later as --device NAME (default: cpu, or the GPU's name for cuda).")
+@click.option("--device", "kind", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
+              help="What to measure.")
+@click.option("--size", type=int, default=None, help="Matrix side of the timed matmuls (default 2048 on cpu, "
+                                                      "8192 on cuda; at least 64).")
+@click.option("--json", "as_json", is_flag=True, help="Print the saved profile as JSON.")
+def calibrate_command(name, kind, size, as_json):
+    """Measure this machine's matmul FLOP/s (fp32 and half precision) and memory bandwidth, and save them
+    as a device profile that throughput estimates use.
+
+    The CPU's profile (--name cpu) is what the default device reads; any other name becomes
+    usable as --device NAME. Profiles live in ~/.cache/paramcalc/profiles (or $PARAMCALC_CACHE_DIR).
+
+    \b
+    Example:
+      paramcalc calibrate
+      paramcalc bert-base-uncased --task seq-cls --batch 8 --seq 128
+      paramcalc calibrate --device cuda --name lab-gpu && paramcalc gpt2 --batch 8 --device lab-gpu
+    """
+    from .calibrate import calibrate, save_profile
+
+    try:
+        measured = calibrate(name, kind, size)
+        path = save_profile(measured)
+    except ParamcalcError as exc:
+        raise InputError(str(exc)) from None
+    if as_json:
+        import json
+
+        click.echo(json.dumps({**measured, "path": str(path)}, indent=2))
+        return
+    from rich.console import Console
+
+    from .report import calibration_table
+
+    Console().print(calibration_table(measured, path))

@@ -127,11 +127,24 @@ def calibration_dir() -> Path:
 
 
 def _load_calibration(name: str) -> dict | None:
+    """The profile ``paramcalc calibrate`` saved as NAME, None when there is none; a damaged or hand-edited
+    one is refused by name rather than crashing the estimate."""
     path = calibration_dir() / f"{name}.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except OSError:
         return None
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        saved = None
+    rates = ("half", "fp32", "bandwidth")
+    if not isinstance(saved, dict) or not all(
+            isinstance(saved.get(key), (int, float)) and 0 < saved[key] < float("inf") for key in rates):
+        raise ParamcalcError(f"{path} is not a calibrated profile (it needs positive numbers for "
+                             f"{', '.join(rates)}); run 'paramcalc calibrate --name {name}' again")
+    saved.setdefault("when", "at an unknown time")
+    return saved
 
 
 @dataclass

@@ -231,3 +231,36 @@ def plan_table(step_plan, step, curve=None):
         lines.append(Text("batch -> peak: " + ", ".join(f"{b}: {_bytes(p)}" for b, p in curve)))
     lines.extend(Text(note, style="dim") for note in step_plan.notes)
     return Group(*lines)
+
+
+def _rate(value: float, unit: str) -> str:
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {prefix}{unit}"
+    return f"{value:,.0f} {unit}"
+
+
+def calibration_table(profile: dict, path) -> "object":
+    """What ``paramcalc calibrate`` measured, and where it saved it."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=escape(f"calibrated {profile['name']}: {profile['device']} ({profile['kind']}, "
+                               f"{profile['threads']} threads, torch {profile['torch']})"), title_justify="left")
+    table.add_column("measured")
+    table.add_column("how")
+    table.add_column("rate", justify="right")
+    size = profile["size"]
+    table.add_row("fp32 matmul", f"mm {size}x{size}, 2*n**3 FLOPs", _rate(profile["fp32"], "FLOP/s"))
+    for dtype in ("fp16", "bf16"):
+        if dtype in profile:
+            used = " (used for half)" if dtype == profile["half_dtype"] else ""
+            table.add_row(f"{dtype} matmul{used}", f"mm {size}x{size}", _rate(profile[dtype], "FLOP/s"))
+    table.add_row("memory bandwidth", f"copy {_bytes(profile['copy_bytes'])}, 2 x bytes",
+                  _rate(profile["bandwidth"], "B/s"))
+    if profile.get("memory"):
+        table.add_row("memory", "physical RAM" if profile["kind"] == "cpu" else "device total", _bytes(profile["memory"]))
+    use = "the default device" if profile["name"] == "cpu" else f"--device {profile['name']}"
+    return Group(table, Text(f"saved to {path}; throughput estimates use it as {use}"))

@@ -41,9 +41,10 @@ LM_TASKS = ("masked-lm", "causal-lm", "seq2seq-lm")
 # Python, GPT-2's tanh GELU keeps x, tanh(...), 0.5*x and 1 + tanh(...)).
 ACTIVATION_SAVES = {"gelu": ("input",), "gelu_pytorch_tanh": ("input",), "relu": ("output",), "silu": ("input",),
                     "gelu_new": ("input", "new", "new", "new"), "bloom_gelu": ("input",), "tanh": ("output",)}
-# Backward formulas written out in Python hold several input-sized temporaries at once: BLOOM's
-# bloom_gelu_back has five alive while it builds its derivative.
-ACTIVATION_BACKWARD_SCRATCH = {"bloom_gelu": 5}
+# Activations written out in Python hold several input-sized temporaries at once in backward: BLOOM's
+# bloom_gelu_back has five alive while it builds its derivative, and autograd's walk back through GPT-2's
+# tanh GELU (pow, tanh, three products) holds as many.
+ACTIVATION_BACKWARD_SCRATCH = {"bloom_gelu": 5, "gelu_new": 2}
 # transformers' T5Config turns feed_forward_proj into the activation it runs
 T5_ACTIVATION = {"relu": "relu", "gated-gelu": "gelu_new", "gelu": "gelu", "gated-silu": "silu", "silu": "silu"}
 
@@ -563,10 +564,17 @@ def _attention(name, inputs, ledger, ctx: _Context, new, save) -> Value:
     grad = q.grad or k.grad or v.grad
     width = ctx.compute
     if ctx.step.attention != "eager":  # fused kernel: q, k, v, the output and a log-sum-exp per row
+        cached = []
+        if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
+            # the model's key/value cache (on unless checkpointing turns it off) concatenates k and v
+            # into new tensors, and the kernel saves those
+            k, v = cached = [new(b * k_len * heads * dim, width, value.grad) for value in (k, v)]
         out = new(b * q_len * heads * dim, width, grad)
         if grad:
             for value in (q, k, v, out):
                 save(value)
+        for value in cached:  # the record holds them now (the cache itself dies with the model's output)
+            ledger.drop(value.tid)
             lse = new(b * heads * q_len, 4, False)
             save(lse)
             ledger.drop(lse.tid)

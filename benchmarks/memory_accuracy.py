@@ -4,7 +4,9 @@
 
 Each row runs one fake-tensor training step (``paramcalc trace``) and the analytic replay
 (``paramcalc.activations.simulate``) for the same step, and prints both peaks and the relative error;
-the last lines give the median and the largest error. fp32 and bf16 autocast, AdamW, eager attention.
+the last lines give the median and the largest error. Full fine-tuning in fp32 and bf16 autocast over
+three shapes; then, at 8 x 256 in bf16, LoRA, LoRA with gradient checkpointing, prompt tuning and full
+fine-tuning with checkpointing and (where transformers has it) the fused sdpa kernel. AdamW throughout.
 """
 
 import statistics
@@ -18,21 +20,37 @@ from paramcalc.trace import trace_step
 MODELS = [("bert-base-uncased", "seq-cls"), ("roberta-base", "seq-cls"), ("t5-small", "seq2seq-lm"),
           ("gpt2", "causal-lm"), ("bloom-560m", "causal-lm")]
 SHAPES = [(1, 128), (8, 128), (4, 512)]
+# (label, peft, step options) at 8 x 256, bf16 autocast
+VARIANTS = [("lora r=8", "lora:r=8", {}), ("lora r=8 +ckpt", "lora:r=8", {"grad_checkpointing": True}),
+            ("prompt 20", "prompt:tokens=20", {}), ("full +ckpt", None, {"grad_checkpointing": True}),
+            ("full sdpa", None, {"attention": "sdpa"})]
+SDPA = ("bert", "roberta", "gpt2")
 
 
 def main(quick: bool) -> None:
     errors = []
-    print(f"{'model':18} {'task':11} {'batch x seq':>11} {'precision':>9} {'predicted':>15} {'traced':>15} {'error':>7}")
+    print(f"{'model':18} {'task':11} {'method':15} {'batch x seq':>11} {'precision':>9} {'predicted':>15} "
+          f"{'traced':>15} {'error':>7}")
+
+    def row(result, model, task, label, step):
+        predicted, traced = simulate(result, step).peak, trace_step(result, step).peak
+        error = (predicted - traced) / traced
+        errors.append(abs(error))
+        precision = step.mixed_precision or step.dtype
+        print(f"{model:18} {task:11} {label:15} {f'{step.batch} x {step.seq}':>11} {precision:>9} {predicted:>15,} "
+              f"{traced:>15,} {error:>+7.2%}", flush=True)
+
     for model, task in MODELS:
         result = paramcalc.count(model, task=task, formulas=False)
         for batch, seq in SHAPES[:2] if quick else SHAPES:
             for precision in ("fp32", "bf16"):
-                step = Step(batch=batch, seq=seq, mixed_precision=None if precision == "fp32" else "bf16")
-                predicted, traced = simulate(result, step).peak, trace_step(result, step).peak
-                error = (predicted - traced) / traced
-                errors.append(abs(error))
-                print(f"{model:18} {task:11} {f'{batch} x {seq}':>11} {precision:>9} {predicted:>15,} {traced:>15,} "
-                      f"{error:>+7.2%}", flush=True)
+                row(result, model, task, "full", Step(batch=batch, seq=seq,
+                                                      mixed_precision=None if precision == "fp32" else "bf16"))
+        for label, peft, options in VARIANTS[:2] if quick else VARIANTS:
+            if options.get("attention") and result.family not in SDPA:
+                continue
+            tuned = paramcalc.count(model, task=task, peft=peft, formulas=False) if peft else result
+            row(tuned, model, task, label, Step(batch=8, seq=256, mixed_precision="bf16", **options))
     print(f"median |error| {statistics.median(errors):.2%}, max |error| {max(errors):.2%} over {len(errors)} steps")
 
 

@@ -194,14 +194,14 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
         if op.endswith(": keep") and _io(op)[0][0] in streams:
             pinned.append(ledger.hold(streams[_io(op)[0][0]].tid))
         record = _forward(op, streams, ledger, ctx, cache, written)
-        if prompted and op is first_op:  # peft prepends trainable soft prompts to these embeddings
-            record.output.grad = True
         lookup = op.startswith("->") and op.partition(":")[2].strip() == input_embedding
         if lookup and step.grad_checkpointing and record.output and not record.output.grad:
             # transformers' gradient_checkpointing_enable hooks the input embeddings so that their output
             # needs a gradient: with a frozen embedding that output is a leaf the graph holds
             record.output.grad = record.leaf = True
             leaves.append(ledger.hold(record.output.tid))
+        if prompted and op is first_op:  # peft prepends trainable soft prompts to these embeddings
+            record.output.grad = True
         record.op, record.dead = op, tuple(next(dies))
         _let_go(record.dead, streams, scope, ledger)
         return record
@@ -253,15 +253,20 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
         ledger.drop(tid)
     ledger.phase = "backward"
     grad_of = {loss.tid: ledger.new(4, "transient")}
-    allocated: set[str] = set()
+    uses: dict[str, int] = {}  # a tied weight's gradient arrives twice; autograd sums them into .grad
+    for item in records:
+        for record in item.records if isinstance(item, _Checkpointed) else [item]:
+            for name, _ in record.weight_grads:
+                uses[name] = uses.get(name, 0) + 1
+    allocated: dict[str, int | None] = {}
     for item in reversed(records):
         if isinstance(item, _Checkpointed):  # re-run the layer's forward, then go back through it
             for record in reversed(_recompute(item, ledger, ctx, grad_of)):
-                _backward(record, ledger, grad_of, allocated)
+                _backward(record, ledger, grad_of, allocated, uses)
             for value in item.arguments.values():
                 ledger.drop(value.tid)
         else:
-            _backward(item, ledger, grad_of, allocated)
+            _backward(item, ledger, grad_of, allocated, uses)
     for tid in list(grad_of.values()) + leaves:
         ledger.drop(tid)
     missing = states.gradients - sum(ledger.size[t][0] for t in ledger.size if ledger.size[t][1] == "gradients")
@@ -642,7 +647,8 @@ def _loss(result, streams, ledger, ctx: _Context, last_target: str) -> list[_Rec
                     [])]
 
 
-def _backward(record: _Record, ledger: _Ledger, grad_of: dict[int, int], allocated: set[str]) -> None:
+def _backward(record: _Record, ledger: _Ledger, grad_of: dict[int, int], allocated: dict[str, int | None],
+              uses: dict[str, int]) -> None:
     out = record.output
     if out is not None and out.tid in grad_of:
         if record.scratch:
@@ -652,12 +658,17 @@ def _backward(record: _Record, ledger: _Ledger, grad_of: dict[int, int], allocat
                 grad_of[value.tid] = ledger.new(value.bytes, "transient")
         for name, nbytes in record.weight_grads:
             if name not in allocated:
-                allocated.add(name)
+                # a weight used twice (tied) waits in autograd's input buffer for its second gradient
+                kind = "transient" if uses.get(name, 1) > 1 else "gradients"
+                allocated[name] = ledger.new(nbytes, kind) if kind == "transient" else None
+                if kind == "gradients":
+                    ledger.new(nbytes, kind)
+            elif allocated[name] is not None:  # the second gradient, summed out of place into .grad
+                second = ledger.new(nbytes, "transient")
                 ledger.new(nbytes, "gradients")
-            else:  # a tied weight's second gradient is made, then added out of place into .grad
-                second, total = ledger.new(nbytes, "transient"), ledger.new(nbytes, "transient")
                 ledger.drop(second)
-                ledger.drop(total)
+                ledger.drop(allocated[name])
+                allocated[name] = None
         if record.leaf:  # accumulated into the leaf's .grad, freed with the graph when backward ends
             grad_of[-out.tid] = grad_of.pop(out.tid)
         else:

@@ -25,26 +25,16 @@ SMALL = {
     "t5": ({"model_type": "t5", "num_layers": 2, "d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 128,
             "vocab_size": 200, "decoder_start_token_id": 0}, "seq2seq-lm"),
 }
+CATEGORY_NAMES = {"weights": "parameters", "gradients": "gradients", "optimizer": "optimizer",
+                  "activations": "activations", "transient": "transient"}
+# Open: in fp32 T5's re-run layers with a frozen base show ~10 % more transient and less activation
+# memory than traced (the split of the position bias between the two), though the peak agrees within 2 %.
+CATEGORY_GAPS = {("t5", "fp32", True, True)}  # (family, precision, checkpointing, frozen base)
 GRID = [(family, method, precision, attention, checkpointing)
         for family in SMALL
         for method, precision, attention, checkpointing in itertools.product(
             (None, "lora:r=4", "prompt:tokens=4"), ("fp32", "bf16"), ("eager", "sdpa"), (False, True))
         if not (attention == "sdpa" and family in ("t5", "bloom"))]
-
-
-def _known_gap(family, method, checkpointing) -> str | None:
-    """Cells where the replay still misses more than 5 % of the traced peak (open work, see the issue note)."""
-    if family == "bloom":
-        return "BLOOM: the causal mask and ALiBi tensors and the fp32 softmax copies are not replayed yet"
-    if family == "t5" and method:
-        return "T5 with a frozen base: the relative position bias and its masked copies are not replayed yet"
-    if family == "gpt2" and (method or checkpointing):
-        return "GPT-2: frozen-base and checkpointed steps keep mask/view temporaries the replay does not model"
-    if method and method.startswith("prompt"):
-        return "prompt tuning: peft's concatenated input embeddings and their copies are not replayed yet"
-    if method and checkpointing:
-        return "LoRA with checkpointing: the re-run layer's unsaved temporaries are not replayed yet"
-    return None
 
 
 def _error(family, method, precision, attention, checkpointing):
@@ -58,23 +48,21 @@ def _error(family, method, precision, attention, checkpointing):
 
 @pytest.mark.parametrize(("family", "method", "precision", "attention", "checkpointing"), GRID,
                          ids=["-".join(str(x) for x in cell) for cell in GRID])
-def test_replayed_peak_within_5_percent_of_the_traced_peak(request, family, method, precision, attention,
-                                                          checkpointing):
-    gap = _known_gap(family, method, checkpointing)
-    if gap:
-        request.applymarker(pytest.mark.xfail(reason=gap, strict=False))
+def test_replayed_peak_within_5_percent_of_the_traced_peak(family, method, precision, attention, checkpointing):
     error, traced, replayed = _error(family, method, precision, attention, checkpointing)
-    # a peak that falls in the same phase must agree on what it is made of, too
     assert abs(error) <= 0.05, f"peak {replayed.peak:,} vs traced {traced.peak:,} ({error:+.1%})"
-
-
-@pytest.mark.parametrize("family", ["bloom", "t5", "gpt2"])
-def test_known_gaps_stay_bounded(family):
-    """The cells still open are off by at most a third: a regression beyond that fails."""
-    for cell in GRID:
-        if cell[0] == family and _known_gap(*cell[:2], cell[4]):
-            error = _error(*cell)[0]
-            assert abs(error) <= 0.35, (cell, error)
+    # What the peak is made of: each category within 10 %, or within 3 % of the peak for the small ones:
+    # the tensors made once per model that the replay leaves out (masks, position ids, T5's position bias
+    # and BLOOM's ALiBi, kept as checkpointed layers' arguments) weigh 2-3 % of these tiny configs' peaks
+    # and nothing at real sizes (benchmarks/memory_accuracy.py). When
+    # the forward and backward high-water marks are that close the peak may fall in either phase, and
+    # the two instants hold different things: the comparison needs the same instant.
+    same_instant = replayed.phase_of_peak == traced.phase_of_peak
+    if not same_instant or (family, precision, checkpointing, bool(method)) in CATEGORY_GAPS:
+        return
+    for category, traced_name in CATEGORY_NAMES.items():
+        ours, theirs = replayed.at_peak[category], traced.at_peak[traced_name]
+        assert abs(ours - theirs) <= max(0.10 * theirs, 0.03 * traced.peak), (category, ours, theirs)
 
 
 @pytest.mark.parametrize(("model", "task", "batch", "seq"), [

@@ -215,10 +215,15 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
 
 
 def _largest_layer_bytes(result, step: Step) -> int:
+    """ZeRO-3 and FSDP gather one wrapped unit's full weights at a time: a whole transformer layer (every
+    row of a repeated part), or a module outside the layers, such as an embedding, when that is larger."""
     from .memory import DTYPE_BYTES
 
-    width = DTYPE_BYTES[step.dtype]
-    return max((c.count // max(c.repeat_count, 1) * width for c in result.components), default=0)
+    units: dict[tuple[str, str], int] = {}
+    for c in result.components:
+        key = (c.part, "one layer") if c.repeat_count > 1 else (c.part, c.name)
+        units[key] = units.get(key, 0) + c.count // max(c.repeat_count, 1)
+    return max(units.values(), default=0) * DTYPE_BYTES[step.dtype]
 
 
 def _throughput(flops: dict, states, step: Step, chosen: Profile, result) -> dict | None:

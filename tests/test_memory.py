@@ -105,6 +105,23 @@ def test_sharding_lowers_the_peak_by_the_states_it_splits():
     assert eight.memory["optimizer"] == -(-one.memory["optimizer"] // 8)
 
 
+def test_zero3_gathers_the_largest_unit_whole():
+    # GPT-2 small: a block holds 12*H^2 + 13*H weights, the token embedding V*H; ZeRO-3 keeps 1/n of the
+    # weights and gathers the largest unit (here wte) in full while it runs
+    result = paramcalc.count("gpt2", task="causal-lm", formulas=False)
+    step = Step(batch=1, seq=128)
+    one = plan(result, step, device="a100-80gb")
+    eight = plan(result, step, device="a100-80gb", parallel=Parallel(gpus=8, zero=3))
+    hidden, vocab = 768, 50257
+    assert 12 * hidden**2 + 13 * hidden < vocab * hidden
+    assert eight.memory["weights"] == -(-one.memory["weights"] // 8) + 4 * vocab * hidden
+    deep = paramcalc.count("gpt2", task="causal-lm", overrides={"n_embd": 2048, "n_head": 16, "vocab_size": 1000},
+                           formulas=False)
+    sharded = plan(deep, step, device="a100-80gb", parallel=Parallel(gpus=8, zero=3))
+    whole = plan(deep, step, device="a100-80gb")
+    assert sharded.memory["weights"] == -(-whole.memory["weights"] // 8) + 4 * (12 * 2048**2 + 13 * 2048)
+
+
 def test_fit_batch_returns_the_largest_batch_that_fits():
     result = paramcalc.count("gpt2", task="causal-lm", formulas=False)
     step = Step(seq=256, mixed_precision="bf16")

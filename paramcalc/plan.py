@@ -208,6 +208,9 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
         flops = {"forward": counted.forward, "backward": counted.backward, "optimizer": optimizer_flops,
                  "total": counted.total + optimizer_flops}
         throughput = _throughput(flops, states, step, chosen, result)
+        if step.grad_checkpointing:
+            notes.append("FLOPs and step time leave out the checkpointed layers' second forward in backward "
+                         "(about one more forward pass of the layers)")
     else:
         notes.append("FLOPs and throughput cover full fine-tuning, LoRA and IA3; prompt methods change the "
                      "sequence (measure them with 'paramcalc trace')")

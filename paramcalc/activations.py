@@ -172,7 +172,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     ledger.new(states.weights, "weights")
     ledger.new(states.optimizer, "optimizer")
     streams: dict[str, Value] = {}
-    records: list[_Record | list[_Record]] = []  # a list stands for a checkpointed layer
+    records: list[_Record | _Checkpointed] = []
     cache: list[int] = []  # autocast's cached weight copies, alive until the forward ends
     pinned: list[int] = []  # values the model's forward keeps in a local ("keep"), alive until it returns
     parts = family.tasks[result.task].parts
@@ -207,9 +207,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
         return record
 
     def end_of_layer():
-        for tid in scope:
-            ledger.drop(tid)
-        scope.clear()
+        _release(scope, ledger)
 
     scope: list[int] = []
 
@@ -285,6 +283,13 @@ def _let_go(names, streams: dict[str, Value], scope: list[int], ledger: _Ledger)
             _forget(streams, name, ledger)
 
 
+def _release(scope: list[int], ledger: _Ledger) -> None:
+    """A Python function returns: the values only its locals still held are freed."""
+    for tid in scope:
+        ledger.drop(tid)
+    scope.clear()
+
+
 def _recompute(item: _Checkpointed, ledger: _Ledger, ctx: _Context, grad_of: dict[int, int]) -> list[_Record]:
     """Re-run a checkpointed layer's forward in backward, keeping what its ops save this time.
 
@@ -298,9 +303,7 @@ def _recompute(item: _Checkpointed, ledger: _Ledger, ctx: _Context, grad_of: dic
     records = []
     for first in item.records:
         if first.op == SCOPE_END:
-            for tid in scope:
-                ledger.drop(tid)
-            scope.clear()
+            _release(scope, ledger)
             continue
         record = _forward(first.op, streams, ledger, ctx, cache, written)
         record.op, record.dead = first.op, first.dead

@@ -336,3 +336,8 @@ def calibrate_command(name, kind, size, as_json):
     from .report import calibration_table
 
     Console().print(calibration_table(measured, path))
+
+
+from .cli_train import train_command  # noqa: E402  (the train command reuses the option groups above)
+
+main.add_command(train_command)

@@ -1,0 +1,190 @@
+"""Measuring real training steps: peak memory per phase, step time, process memory.
+
+One module for everything that measures, used by ``paramcalc train``, the benchmarks and the tests:
+
+- **CPU**: torch's own allocator events. ``torch.profiler.profile(profile_memory=True)`` records one
+  ``[memory]`` event per allocation and free, with its byte delta; summed in time order from the moment
+  recording starts (before the model exists) they give the bytes alive at every instant, parameters,
+  quantization state, optimizer state, DDP buckets and batches included. This agrees byte for byte
+  with what a step allocates; RSS (``resident``) is reported only as context, since it also holds the
+  Python heap, libraries and pages the allocator keeps.
+- **CUDA**: ``torch.cuda.max_memory_allocated``, with the peak reset at the start of each phase;
+  ``memory_reserved`` (the caching allocator's blocks) as context.
+
+A measured step is split into phases (``forward``, ``backward``, ``optimizer``; a step with gradient
+accumulation runs forward and backward several times, and a phase's peak is its highest). ``before``
+is what is alive when the measured step starts: the model states (weights, optimizer state) and
+whatever else the process keeps between steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+PHASES = ("forward", "backward", "optimizer")
+_LABEL = "paramcalc::"
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size (context only: not what tensors take)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM, the CPU's 'device memory'."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return None
+
+
+class CpuMeter:
+    """Allocator-level CPU memory from torch.profiler's ``[memory]`` events.
+
+    ``with meter.recording():`` wraps everything from building the model to the end of the measured
+    step; ``with meter.phase("step"):`` marks the measured step and ``meter.phase("forward")`` etc. its
+    phases. ``summary()`` reads the events once recording has stopped.
+    """
+
+    device = "cpu"
+
+    def __init__(self):
+        self._profiler = None
+        self._events = None
+
+    @contextlib.contextmanager
+    def recording(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with self._profiler:
+            yield self
+        self._events = self._profiler.profiler.kineto_results.events()
+
+    def phase(self, name: str):
+        if self._profiler is None:  # not recording (a timed step): nothing to mark
+            return contextlib.nullcontext()
+        from torch.profiler import record_function
+
+        return record_function(_LABEL + name)
+
+    def summary(self) -> dict:
+        """{before, peak, forward, backward, optimizer}: bytes alive before the measured step, its peak, and
+        each phase's peak (None for a phase that did not run)."""
+        if self._events is None:
+            raise RuntimeError("nothing was recorded")
+        deltas, ranges = [], {}
+        for event in self._events:
+            name = event.name()
+            if name == "[memory]" and str(event.device_type()).endswith("CPU"):
+                deltas.append((event.start_ns(), event.nbytes()))
+            elif name.startswith(_LABEL):
+                ranges.setdefault(name[len(_LABEL):], []).append((event.start_ns(), event.end_ns()))
+        deltas.sort()
+        if "step" not in ranges:
+            raise RuntimeError("no measured step was marked")
+        step_start, step_end = ranges["step"][-1]
+        windows = {phase: [r for r in ranges.get(phase, []) if step_start <= r[0] <= step_end] for phase in PHASES}
+        peaks = dict.fromkeys(PHASES)
+        alive = before = step_peak = 0
+        for when, delta in deltas:
+            if when < step_start:
+                alive += delta
+                before = alive
+                continue
+            if when > step_end:
+                break
+            alive += delta
+            step_peak = max(step_peak, alive)
+            for phase, spans in windows.items():
+                if any(start <= when <= end for start, end in spans):
+                    peaks[phase] = max(peaks[phase] or 0, alive)
+        return {"before": before, "peak": max(step_peak, before), **peaks}
+
+
+class CudaMeter:
+    """``torch.cuda.max_memory_allocated`` per phase on one GPU."""
+
+    def __init__(self, device):
+        self.device = str(device)
+        self._peaks: dict[str, int] = {}
+        self._before = None
+        self._recording = False
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self._recording:
+            yield
+            return
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        if name == "step":
+            self._before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self._peaks[name] = max(self._peaks.get(name, 0), peak)
+            if name != "step":  # the step's peak is the highest of its phases' (each reset the counter)
+                self._peaks["step"] = max(self._peaks.get("step", 0), peak)
+
+    def summary(self) -> dict:
+        import torch
+
+        if self._before is None:
+            raise RuntimeError("no measured step was marked")
+        return {"before": self._before, "peak": self._peaks.get("step", self._before),
+                **{phase: self._peaks.get(phase) for phase in PHASES},
+                "reserved": torch.cuda.max_memory_reserved(self.device)}
+
+
+def meter_for(device) -> CpuMeter | CudaMeter:
+    return CpuMeter() if str(device) == "cpu" else CudaMeter(device)
+
+
+class StepTimer:
+    """Wall-clock seconds of whole steps (synchronising the GPU first, so its queued work is counted)."""
+
+    def __init__(self, device):
+        self.device = str(device)
+        self.seconds: list[float] = []
+
+    def _sync(self):
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def step(self):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds.append(time.perf_counter() - start)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failures: CUDA's OutOfMemoryError, and the CPU allocator's RuntimeError."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower())

@@ -1,0 +1,133 @@
+"""Real models for real training steps, built the way the prediction assumes.
+
+The model comes from the counted config with seeded random weights (memory and speed do not depend on
+the values), or from a local checkpoint folder (``--weights``); nothing is ever downloaded. Then, as
+the step asks: the parameter dtype, the attention kernel, a bitsandbytes-quantized base, the PEFT
+method (peft itself), gradient checkpointing, and the optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+from .errors import ParamcalcError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def check_weights_dir(path) -> Path:
+    """A local checkpoint folder holding weights, or a one-line error."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ParamcalcError(f"--weights {path}: no such folder (give a local checkpoint folder; nothing is "
+                             "downloaded)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ParamcalcError(f"--weights {path}: the folder holds no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    return folder
+
+
+def hf_config_for(result, attention: str):
+    """The transformers config of ``result``, ready to build the model the step runs."""
+    from .meta import hf_config
+
+    hf = hf_config(result.config)
+    if result.family == "t5" and getattr(hf, "decoder_start_token_id", None) is None:
+        hf.decoder_start_token_id = hf.pad_token_id or 0  # needed to shift labels into decoder inputs
+    if result.task == "seq-cls" and getattr(hf, "pad_token_id", None) is None:
+        hf.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by its padding id
+    hf._attn_implementation = "eager" if attention == "eager" else "sdpa"
+    return hf
+
+
+@contextlib.contextmanager
+def _default_dtype(name: str):
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, TORCH_DTYPES[name]))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu"):
+    """The Hugging Face model of ``result`` for ``step`` (PEFT applied, checkpointing on if asked), in
+    training mode on ``device``."""
+    import torch
+    import transformers
+
+    from .verify import apply_real_peft
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf = hf_config_for(result, step.attention)
+    torch.manual_seed(seed)
+    cls = _model_class(result)
+    try:
+        if result.quant is not None:
+            from .quantized import build_quantized_model
+
+            model = build_quantized_model(result, hf, seed=seed, weights_dir=weights)
+        elif weights is not None:
+            model = cls.from_pretrained(str(check_weights_dir(weights)), config=hf, local_files_only=True,
+                                        dtype=getattr(torch, TORCH_DTYPES[step.dtype]))
+        else:
+            with _default_dtype(step.dtype):
+                model = cls(hf)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        if type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        raise ParamcalcError(f"cannot build {result.hf_class} for training: {first}") from None
+    if result.quant is None:
+        model = model.to(device)
+    if result.peft_options:
+        if any(method == "adapter" for method, _ in result.peft_options):
+            raise ParamcalcError("paramcalc train cannot run bottleneck adapters yet: AdapterHub cannot be "
+                                 "installed beside transformers 5 (count them with --adapter, measure LoRA instead)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = apply_real_peft(model, result)
+    if step.grad_checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the method's name is deprecated in transformers 5; its effect is not
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _model_class(result):
+    import transformers
+
+    if result.generic:
+        from .meta import AUTO_CLASSES
+
+        auto = getattr(transformers, AUTO_CLASSES[result.task])
+        return lambda hf: auto.from_config(hf)
+    return getattr(transformers, result.hf_class)
+
+
+def make_optimizer(name: str, parameters, lr: float):
+    """The optimizer the step names, with torch's defaults otherwise (what a user gets)."""
+    import torch
+
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        raise ParamcalcError("nothing to train: no parameter of this model requires a gradient")
+    if name in ("adamw", "adam"):
+        return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(parameters, lr=lr)
+    if name in ("sgd", "sgd-momentum"):
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9 if name == "sgd-momentum" else 0.0)
+    if name == "adamw-8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=lr)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=lr, relative_step=False, scale_parameter=False)
+    raise ParamcalcError(f"unknown optimizer {name!r}")

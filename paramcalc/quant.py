@@ -39,13 +39,20 @@ class Options:
     type: str = field(default="nf4", metadata={"help": "nf4 | fp4 | int8"})
     double_quant: bool = field(default=False, metadata={"help": "bnb_4bit_use_double_quant (QLoRA)"})
     dtype: str = field(default="fp32", metadata={"help": "dtype of the weights left unquantized: fp32|fp16|bf16"})
+    # transformers' BitsAndBytesConfig default; QLoRA recipes set bnb_4bit_compute_dtype=torch.bfloat16
+    compute_dtype: str = field(default="fp32", metadata={"help": "bnb_4bit_compute_dtype: fp32|fp16|bf16"})
 
     def __post_init__(self):
-        self.type, self.dtype = self.type.lower(), self.dtype.lower()
+        self.type, self.dtype, self.compute_dtype = self.type.lower(), self.dtype.lower(), self.compute_dtype.lower()
         if self.type not in TYPES:
             raise ParamcalcError(f"--quant: type must be one of {', '.join(TYPES)}, got {self.type!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ParamcalcError(f"--quant: dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.compute_dtype not in DTYPE_BYTES:
+            raise ParamcalcError(f"--quant: compute_dtype must be one of {', '.join(DTYPE_BYTES)}, "
+                                 f"got {self.compute_dtype!r}")
+        if self.type == "int8" and self.compute_dtype != "fp32":
+            raise ParamcalcError("--quant: compute_dtype applies to nf4/fp4 (bnb_4bit_compute_dtype), not int8")
         if self.double_quant and self.type == "int8":
             raise ParamcalcError("--quant: double_quant applies to nf4/fp4, not int8")
 
@@ -81,58 +88,89 @@ class QuantSummary:
     weight_bytes: int  # all parameters, quantized or not
     peft_print: tuple[int, int]  # (trainable, all) as peft's print_trainable_parameters shows them
     numel_sum: int  # sum(p.numel()) over the quantized model
+    frozen: int = 0  # parameters in quantized weights (they never train)
 
     def to_dict(self) -> dict:
         return {**asdict(self.options), "quantized_components": self.quantized, "weight_bytes": self.weight_bytes,
                 "peft_print": {"trainable": self.peft_print[0], "all": self.peft_print[1]},
-                "numel_sum": self.numel_sum}
+                "numel_sum": self.numel_sum, "frozen_quantized_params": self.frozen}
 
     def explanation(self, total: int) -> str:
+        frozen = (f"{self.frozen:,} parameters sit in {self.options.type} weights, which never train "
+                  "(bitsandbytes loads them with requires_grad=False; biases and the unquantized modules keep "
+                  "training unless PEFT freezes them); ")
         if self.options.type == "int8":
-            return ("int8 weights keep one element per value, so printed counts equal the real count "
-                    f"{total:,}")
-        return (f"peft's print_trainable_parameters (and transformers' num_parameters) show all params: "
-                f"{self.peft_print[1]:,}: they double each packed 4-bit tensor, one more than the real count for "
-                "each odd-sized weight; "
-                f"sum(p.numel()) over the quantized model shows {self.numel_sum:,}, because bitsandbytes stores "
-                f"two 4-bit values per uint8 element; the real count is {total:,}")
+            return frozen + ("int8 weights keep one element per value, so printed counts equal the real count "
+                             f"{total:,}")
+        return frozen + (
+            f"peft's print_trainable_parameters (and transformers' num_parameters) show all params: "
+            f"{self.peft_print[1]:,}: they double each packed 4-bit tensor, one more than the real count for "
+            "each odd-sized weight; "
+            f"sum(p.numel()) over the quantized model shows {self.numel_sum:,}, because bitsandbytes stores "
+            f"two 4-bit values per uint8 element; the real count is {total:,}")
 
 
 def apply(result, options: Options, family) -> QuantSummary:
+    """Size every component as stored, and freeze the quantized weights (a trainable bias of a quantized
+    module gets a row of its own: transformers' loading leaves it trainable)."""
+    from .tuners.common import split
+
     values = result.values
     base = [c for c in result.components if c.group != "peft"]
     last = next((c for c in reversed(base) if c.kind != "tied"), None)
     keep = set(family.quant.get("keep_fp32", []))
-    quantized, extra_print, packed_saving, total_bytes = [], 0, 0, 0
+    quantized, rows, extra_print, packed_saving, total_bytes, frozen = [], [], 0, 0, 0, 0
     for component in result.components:
         per_numel = {s: numel(shape, values) for s, shape in component.shapes.items()}
-        dtype_bytes = sum(per_numel.values()) * component.repeat_count * DTYPE_BYTES[options.dtype]
-        component.weight_bytes = dtype_bytes
+        component.weight_bytes = sum(per_numel.values()) * component.repeat_count * DTYPE_BYTES[options.dtype]
         if not _quantizable(component, last, keep):
-            total_bytes += dtype_bytes
+            total_bytes += component.weight_bytes
+            rows.append(component)
             continue
+        parts = split(component, {"bias"}, values) if component.trainable else [component]
+        for part in parts:
+            part.weight_bytes = component.weight_bytes * part.count // max(component.count, 1)
+        weight = parts[0]
+        weight.trainable = False
         n = per_numel["weight"]
-        rows = expr.evaluate(component.args["out_features"], values)
         bias = per_numel.get("bias", 0) * DTYPE_BYTES[options.dtype]
-        component.weight_bytes = component.repeat_count * (weight_bytes(n, rows, options) + bias)
-        total_bytes += component.weight_bytes
-        quantized.append(component.name)
+        weight.weight_bytes = component.repeat_count * (
+            weight_bytes(n, expr.evaluate(component.args["out_features"], values), options)
+            + (bias if len(parts) == 1 else 0))
+        total_bytes += sum(part.weight_bytes for part in parts)
+        rows.extend(parts)
+        quantized.append(weight.name)
+        frozen += component.repeat_count * n
         if options.type != "int8":
             extra_print += component.repeat_count * (2 * -(-n // 2) - n)
             packed_saving += component.repeat_count * (n - -(-n // 2))
     if not quantized:
         raise ParamcalcError("--quant: this model has no Linear or Conv1D weights that transformers would "
                              "quantize")
+    result.components[:] = rows
+    _refuse_trainable_copies(result, quantized)
     total, trainable = result.total_params, result.trainable_params
-    return QuantSummary(options, quantized, total_bytes, (trainable, total + extra_print), total - packed_saving)
+    return QuantSummary(options, quantized, total_bytes, (trainable, total + extra_print), total - packed_saving,
+                        frozen)
+
+
+def _refuse_trainable_copies(result, quantized: list[str]) -> None:
+    """peft's modules_to_save copies a module to train it; a copy of a quantized one cannot train."""
+    suffix = " (trainable copy, modules_to_save)"
+    for component in result.components:
+        original = component.name.removesuffix(suffix)
+        if component.name.endswith(suffix) and original in quantized + [f"{original} weight"]:
+            raise ParamcalcError(
+                f"--quant: peft would train a copy of {original!r} (modules_to_save), but transformers quantizes "
+                "that module and a bitsandbytes weight cannot require gradients (peft fails: 'only Tensors of "
+                "floating point dtype can require gradients'); drop --quant or that module from modules_to_save")
 
 
 def _quantizable(component, last, keep) -> bool:
-    if component.group == "peft" or component.kind not in ("linear", "conv1d"):
+    if component.group == "peft" or component.kind not in ("linear", "conv1d") or "weight" not in component.shapes:
         return False
     if component.role == "output-embedding":
         return False
     if component is last and "bias" not in component.shapes:  # the last parameter is this module's weight
         return False
     return not any(component.param == k or component.param.endswith(f".{k}") for k in keep)
-

@@ -13,25 +13,13 @@ import paramcalc
 bnb = pytest.importorskip("bitsandbytes")
 
 
-def quantized_model(result, options, tmp_path):
-    import torch
-    import transformers
+def quantized_model(result):
+    """The real model, as paramcalc.quantized builds it (seeded random weights, quantized on load)."""
+    from paramcalc.quantized import build_quantized_model
 
-    from paramcalc.meta import hf_config
-
-    torch.manual_seed(0)
-    config = hf_config(result.config)
-    model = getattr(transformers, result.hf_class)(config)
-    model.save_pretrained(tmp_path)
-    if options.type == "int8":
-        bnb_config = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.type,
-                                                     bnb_4bit_use_double_quant=options.double_quant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return getattr(transformers, result.hf_class).from_pretrained(tmp_path, quantization_config=bnb_config,
-                                                                      device_map="cpu", dtype=torch.float32)
+        return build_quantized_model(result)
 
 
 def stored_bytes(parameter) -> int:
@@ -72,9 +60,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("model", "task", "spec"), CASES, ids=[f"{m}:{t}:{s}" for m, t, s in CASES])
-def test_quantization_matches_bitsandbytes(model, task, spec, tmp_path):
+def test_quantization_matches_bitsandbytes(model, task, spec):
     result = paramcalc.count(model, task=task, overrides=SHRINK[model], quant=spec, formulas=False)
-    real = quantized_model(result, result.quant.options, tmp_path)
+    real = quantized_model(result)
     parameters = dict(real.named_parameters())
     quantized_names = {n for n, p in parameters.items() if type(p).__name__ in ("Params4bit", "Int8Params")}
 
@@ -86,18 +74,21 @@ def test_quantization_matches_bitsandbytes(model, task, spec, tmp_path):
         if component.name in result.quant.quantized:
             expected |= {n for n in names if n.endswith(".weight")}
         assert sum(stored_bytes(parameters[n]) for n in names) == component.weight_bytes, component.name
+        # quantized weights never train; everything else transformers loads trainable (biases included)
+        assert all(parameters[n].requires_grad == component.trainable for n in names), component.name
     assert quantized_names == expected
+    assert sum(p.numel() for p in real.parameters() if p.requires_grad) == result.trainable_params
     assert sum(p.numel() for p in real.parameters()) == result.quant.numel_sum
     # transformers' num_parameters() doubles packed 4-bit tensors as peft does (one more per odd-sized weight)
     assert real.num_parameters() == result.quant.peft_print[1]
 
 
-def test_peft_print_on_a_quantized_model_with_lora(tmp_path):
+def test_peft_print_on_a_quantized_model_with_lora():
     import peft
 
     result = paramcalc.count("t5-small", task="seq2seq-lm", overrides=SHRINK["t5-small"], quant="nf4",
                              peft="lora:r=4", formulas=False)
-    real = quantized_model(result, result.quant.options, tmp_path)
+    real = quantized_model(result)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = peft.get_peft_model(real, peft.LoraConfig(r=4, task_type="SEQ_2_SEQ_LM"))
@@ -112,9 +103,11 @@ def test_real_count_is_unchanged_and_bytes_shrink():
     nf4 = paramcalc.count("bloom-560m", task="causal-lm", quant="nf4,dtype=bf16")
     assert nf4.total_params == plain.total_params
     # the 4-bit blocks: half a byte per weight plus a 4-byte absmax per 64 weights -> 0.5625 bytes per weight
-    qkv = nf4.component("attention Q/K/V (query_key_value)")
+    # without PEFT the quantized weight is frozen and its bias trains: two rows
+    qkv = nf4.component("attention Q/K/V (query_key_value) weight")
     n = 1024 * 3 * 1024
-    assert qkv.weight_bytes == 24 * ((n // 2) + 4 * (n // 64) + 64 + 3 * 1024 * 2)
+    assert qkv.weight_bytes == 24 * ((n // 2) + 4 * (n // 64) + 64)
+    assert nf4.component("attention Q/K/V (query_key_value) bias").weight_bytes == 24 * 3 * 1024 * 2
 
 
 def test_a_model_without_quantizable_weights_is_refused():
@@ -124,3 +117,45 @@ def test_a_model_without_quantizable_weights_is_refused():
     result.components = [c for c in result.components if c.kind not in ("linear", "conv1d")]
     with pytest.raises(paramcalc.ParamcalcError, match="no Linear or Conv1D weights"):
         quant.apply(result, quant.parse("nf4"), families.families()["gpt2"])
+
+
+def test_lora_on_a_quantized_base_trains_only_the_adapters():
+    from paramcalc.verify import apply_real_peft
+
+    result = paramcalc.count("bloom-560m", task="causal-lm", overrides=SHRINK["bloom-560m"], quant="nf4",
+                             peft="lora:r=4", formulas=False)
+    real = apply_real_peft(quantized_model(result), result)
+    trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
+    # 2 layers * r * (15 + 45) for query_key_value's A and B = 480
+    assert trainable == result.trainable_params == 2 * 4 * (15 + 3 * 15)
+
+
+def test_a_quantized_head_cannot_be_a_trainable_copy():
+    # BERT's classifier is quantized (its last parameter is a bias); peft's modules_to_save would copy it
+    with pytest.raises(paramcalc.ParamcalcError, match="modules_to_save"):
+        paramcalc.count("bert-base-uncased", task="seq-cls", quant="nf4", peft="lora:r=4", formulas=False)
+
+
+def test_builder_loads_a_local_checkpoint(tmp_path):
+    import torch
+
+    from paramcalc.quantized import build_quantized_model
+
+    result = paramcalc.count("gpt2", task="causal-lm", overrides=SHRINK["gpt2"], quant="int8", formulas=False)
+    seeded = quantized_model(result)
+    dense = paramcalc.count("gpt2", task="causal-lm", overrides=SHRINK["gpt2"], formulas=False)
+    from paramcalc.meta import hf_config
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(hf_config(dense.config)).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = build_quantized_model(result, weights_dir=tmp_path)
+    first = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(dict(loaded.named_parameters())[first], dict(seeded.named_parameters())[first])
+    assert loaded.training and type(dict(loaded.named_parameters())[first]).__name__ == "Int8Params"
+    with pytest.raises(paramcalc.ParamcalcError, match="no config.json"):
+        build_quantized_model(result, weights_dir=tmp_path / "missing")
+    with pytest.raises(paramcalc.ParamcalcError, match="needs a count with --quant"):
+        build_quantized_model(dense)

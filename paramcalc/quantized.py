@@ -1,0 +1,84 @@
+"""The real bitsandbytes-quantized model for a ``--quant`` count, built on the CPU, offline.
+
+``build_quantized_model(result)`` gives what a user gets from
+``AutoModelFor...from_pretrained(checkpoint, quantization_config=BitsAndBytesConfig(...), dtype=...)``:
+transformers swaps its Linear/Conv1D modules for bitsandbytes' ``Linear4bit``/``Linear8bitLt`` and
+quantizes the weights as they load. Without a checkpoint the weights are the model's own seeded random
+initialisation, handed to ``from_pretrained`` as a state dict (nothing is written to disk, nothing is
+downloaded); with ``weights_dir`` they come from that local checkpoint.
+
+What it does not do: ``peft.prepare_model_for_kbit_training``. QLoRA tutorials call it; for the weights
+it freezes every parameter (``get_peft_model`` freezes the base anyway) and upcasts fp16/bf16 parameters
+to fp32 (a no-op with the default ``dtype=fp32``), and by default it turns on (reentrant) gradient
+checkpointing. paramcalc's step says whether layers are checkpointed (``--grad-checkpointing``, which
+its caller applies, as for any model) and ``--quant ...,dtype=`` which dtype the weights left
+unquantized have, so the model returned is the loaded one, and the memory model describes that.
+
+torch, transformers and bitsandbytes are imported inside the function (the analytic path stays light).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ParamcalcError
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def bnb_config(options):
+    """transformers' ``BitsAndBytesConfig`` for ``--quant`` options (a ``paramcalc.quant.Options``)."""
+    import torch
+    import transformers
+
+    if options.type == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=options.type, bnb_4bit_use_double_quant=options.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[options.compute_dtype]))
+
+
+def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike | None = None,
+                          attention: str = "eager"):
+    """The bitsandbytes-quantized Hugging Face model of ``result`` (a ``paramcalc.count(..., quant=...)``).
+
+    ``seed`` seeds the random weights (when no ``weights_dir``); ``weights_dir`` is a local checkpoint
+    (a ``save_pretrained`` folder) to quantize instead; ``attention`` is transformers'
+    ``attn_implementation`` (``eager`` or ``sdpa``). The model is on the CPU, in train mode, loaded as
+    transformers loads it: quantized weights frozen, every other parameter trainable until peft (e.g.
+    ``paramcalc.verify.apply_real_peft(model, result)``) freezes the base.
+    """
+    if result.quant is None:
+        raise ParamcalcError("build_quantized_model needs a count with --quant (e.g. quant='nf4')")
+    if result.generic:
+        raise ParamcalcError("--quant needs a formula file (bert, roberta, t5, gpt2, bloom)")
+    if weights_dir is not None and not os.path.isfile(os.path.join(weights_dir, "config.json")):
+        raise ParamcalcError(f"{weights_dir} is not a local checkpoint folder (it has no config.json)")
+    import torch
+    import transformers
+
+    from .meta import hf_config
+
+    options = result.quant.options
+    config = hf_config(result.config)
+    if result.task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding: any id runs
+    config._attn_implementation = attention
+    cls = getattr(transformers, result.hf_class)
+    dtype = getattr(torch, TORCH_DTYPES[options.dtype])
+    kwargs = {"config": config, "quantization_config": bnb_config(options), "device_map": "cpu", "dtype": dtype,
+              "local_files_only": True, "attn_implementation": attention}
+    state = torch.random.get_rng_state()
+    try:
+        if weights_dir is None:
+            torch.manual_seed(seed)
+            source = cls(config)
+            weights = source.state_dict()
+            del source
+            model = cls.from_pretrained(None, state_dict=weights, **kwargs)
+            del weights
+        else:
+            model = cls.from_pretrained(os.fspath(weights_dir), **kwargs)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.train()

@@ -11,6 +11,10 @@ Weights, gradients and optimizer state follow from the parameter counts and the 
   (Shazeer & Stern 2018, arXiv:1804.04235) factored second moments, a row and a column vector per matrix.
 - optimizer transient: torch's single-tensor Adam/AdamW builds two temporaries the size of the
   parameter it updates, so the largest trainable tensor sets it.
+- quantized weights (``--quant``, bitsandbytes as transformers loads it): each quantized weight at the
+  bytes it is stored in (``quant.weight_bytes``: packed values, absmax, codes; int8 values and row
+  scales), the other parameters in the ``dtype=`` they were loaded in. A 4-bit module's first forward
+  casts its bias to the compute dtype for good (``Linear4bit.forward``: ``bias.data = bias.data.to(x.dtype)``).
 
 Activations and the other transient peaks are the next layer of this model (not here yet).
 """
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 
 import math
 
+from . import expr
+from .errors import ParamcalcError
 from .families import concrete_parameters, families, numel
 from .step import Step
 
@@ -40,18 +46,43 @@ class ModelStates:
                 "optimizer_transient": self.optimizer_transient}
 
 
+def weights_dtype(result, step: Step) -> str:
+    """The dtype the model's (unquantized) parameters have: the step's, or the one ``--quant`` loads them in."""
+    if result.quant is None:
+        return step.dtype
+    loaded = result.quant.options.dtype
+    if step.dtype not in ("fp32", loaded):
+        raise ParamcalcError(f"--dtype {step.dtype} and --quant dtype={loaded} disagree: a quantized model's other "
+                             f"weights have the dtype it was loaded in; give it once, as --quant ...,dtype={step.dtype}")
+    return loaded
+
+
 def parameter_tensors(result, width: int) -> list[tuple[str, int, bool, int]]:
-    """(name, numel, trainable, bytes per element) for every parameter tensor of the model.
+    """(name, numel, trainable, bytes as stored) for every parameter tensor of the model.
 
     peft keeps the weights it adds in fp32 even on a half-precision model (``autocast_adapter_dtype``);
-    the trainable copies of saved modules keep the module's dtype.
+    the trainable copies of saved modules keep the module's dtype. Quantized weights (never trainable)
+    take the bytes bitsandbytes stores for them.
     """
+    from . import quant
+
     values = result.values
+    quantized = set(result.quant.quantized) if result.quant else set()
+    options = result.quant.options if result.quant else None
     tensors = []
     for component in result.components:
         own = 4 if component.group == "peft" and "modules_to_save" not in component.name else width
+        module_quantized = component.name in quantized or f"{component.name.removesuffix(' bias')} weight" in quantized
         for name, shape in concrete_parameters(component, values).items():
-            tensors.append((name, math.prod(shape), component.trainable, own))
+            elements = math.prod(shape)
+            if module_quantized and name.endswith(".weight"):
+                rows = expr.evaluate(component.args["out_features"], values)
+                nbytes = quant.weight_bytes(elements, rows, options)
+            elif module_quantized and options.type != "int8":  # the bias, cast to the compute dtype
+                nbytes = elements * DTYPE_BYTES[options.compute_dtype]
+            else:
+                nbytes = elements * own
+            tensors.append((name, elements, component.trainable, nbytes))
     return tensors
 
 
@@ -66,10 +97,10 @@ def buffer_bytes(result) -> int:
 
 
 def model_states(result, step: Step) -> ModelStates:
-    width = DTYPE_BYTES[step.dtype]  # mixed precision keeps fp32 parameters (step.dtype is fp32 then)
+    width = DTYPE_BYTES[weights_dtype(result, step)]  # mixed precision keeps fp32 parameters
     tensors = parameter_tensors(result, width)
-    trainable = [(numel, size) for _, numel, train, size in tensors if train]
-    weights = sum(numel * size for _, numel, _, size in tensors) + buffer_bytes(result)
+    trainable = [(numel, nbytes // max(numel, 1)) for _, numel, train, nbytes in tensors if train]
+    weights = sum(nbytes for *_, nbytes in tensors) + buffer_bytes(result)
     gradients = sum(numel * size for numel, size in trainable)  # a gradient has its parameter's dtype
     optimizer, transient = _optimizer_bytes(step.optimizer, trainable, result)
     return ModelStates(weights, gradients, optimizer, transient)

@@ -1,0 +1,120 @@
+"""QLoRA memory against real steps: a bitsandbytes-quantized tiny model, LoRA, one measured step on this CPU.
+
+Memory is measured at allocator level, the way paramcalc's accuracy claims are made: the bytes alive
+before the step (parameters, buffers, quantization state, optimizer state; one count per storage) plus
+the high-water mark of torch.profiler's ``[memory]`` events, summed in time order over one steady step.
+"""
+
+import warnings
+
+import pytest
+
+import paramcalc
+from paramcalc.step import Step
+
+pytest.importorskip("bitsandbytes")
+
+GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 500, "n_positions": 64}
+BLOOM = {"n_layer": 2, "hidden_size": 64, "n_head": 4, "vocab_size": 500}
+
+
+def quantization_tensors(model):
+    """The tensors bitsandbytes keeps beside its quantized weights: 4-bit quant state, int8 row scales."""
+    import torch
+
+    found = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            found += [state.absmax, state.code]
+            if state.nested:
+                found += [state.state2.absmax, state.state2.code, state.offset]
+        for holder in (weight, getattr(module, "state", None)):  # Linear8bitLt moves CB/SCB to its state
+            found += [t for t in (getattr(holder, "CB", None), getattr(holder, "SCB", None)) if torch.is_tensor(t)]
+    return found
+
+
+def measured_step(result, step: Step) -> tuple[int, int]:
+    """(bytes alive before a steady step, its peak) for the real quantized model with its PEFT method."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from paramcalc.quantized import build_quantized_model
+    from paramcalc.verify import apply_real_peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_quantized_model(result)
+        model = apply_real_peft(model, result) if result.peft_options else model
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, result.config["vocab_size"], (step.batch, step.seq), generator=generator)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=step.mixed_precision == "bf16")
+
+    def one_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        del loss
+        optimizer.step()
+
+    one_step()
+    optimizer.zero_grad(set_to_none=True)
+    states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers(), *quantization_tensors(model), *states]:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    before = sum(storages.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        one_step()
+    current = peak = 0
+    for event in sorted(recorded.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            current += event.nbytes()
+            peak = max(peak, current)
+    return before, before + peak
+
+
+STATES = [  # (model, overrides, quant)
+    ("gpt2", GPT2, "nf4"),
+    ("bloom-560m", BLOOM, "nf4,double_quant=true,compute_dtype=bf16"),
+    ("gpt2", GPT2, "fp4,dtype=bf16"),
+    ("bloom-560m", BLOOM, "int8"),
+]
+
+
+@pytest.mark.parametrize(("model", "overrides", "spec"), STATES, ids=[f"{m}:{s}" for m, _, s in STATES])
+def test_model_states_are_the_bytes_a_quantized_lora_model_keeps(model, overrides, spec):
+    from paramcalc.memory import model_states
+
+    result = paramcalc.count(model, task="causal-lm", overrides=overrides, quant=spec, peft="lora:r=8",
+                             formulas=False)
+    step = Step(batch=1, seq=8)
+    before, _ = measured_step(result, step)
+    states = model_states(result, step)
+    # packed weights + absmax + codes, the rest in dtype=, LoRA in fp32 with AdamW's two moments and step
+    assert states.weights + states.optimizer == before
+
+
+def test_without_peft_only_the_unquantized_parameters_train():
+    from paramcalc.memory import model_states
+
+    result = paramcalc.count("gpt2", task="causal-lm", overrides=GPT2, quant="nf4", formulas=False)
+    step = Step(batch=1, seq=8)
+    before, _ = measured_step(result, step)
+    states = model_states(result, step)
+    assert states.weights + states.optimizer == before
+    # gradients for the embeddings, LayerNorms and biases only: 4 bytes each
+    assert states.gradients == 4 * result.trainable_params
+
+
+def test_dtype_of_the_step_and_of_the_quantized_load_must_agree():
+    result = paramcalc.count("gpt2", task="causal-lm", overrides=GPT2, quant="nf4,dtype=bf16", formulas=False)
+    from paramcalc.memory import model_states
+
+    assert model_states(result, Step(dtype="bf16")).weights == model_states(result, Step()).weights
+    with pytest.raises(paramcalc.ParamcalcError, match="--quant ...,dtype=fp16"):
+        model_states(result, Step(dtype="fp16"))

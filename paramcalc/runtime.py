@@ -31,16 +31,20 @@ def check_weights_dir(path) -> Path:
     return folder
 
 
-def hf_config_for(result, attention: str):
-    """The transformers config of ``result``, ready to build the model the step runs."""
+def hf_config_for(result, step, device: str = "cpu", batches=None):
+    """The transformers config of ``result``, ready to build the model the step runs: the attention kernel
+    the prediction assumed, and the pad / decoder-start ids the batches use."""
     from .meta import hf_config
+    from .step import attn_implementation
 
     hf = hf_config(result.config)
-    if result.family == "t5" and getattr(hf, "decoder_start_token_id", None) is None:
-        hf.decoder_start_token_id = hf.pad_token_id or 0  # needed to shift labels into decoder inputs
-    if result.task == "seq-cls" and getattr(hf, "pad_token_id", None) is None:
-        hf.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by its padding id
-    hf._attn_implementation = "eager" if attention == "eager" else "sdpa"
+    if batches is not None:
+        batches.fill_config(hf)
+    else:  # the same ids the batches would give
+        from .data import make_batches
+
+        make_batches(result, batch=1, seq=1).fill_config(hf)
+    hf._attn_implementation = attn_implementation(step, "cuda" if device.startswith("cuda") else "cpu")
     return hf
 
 
@@ -56,23 +60,23 @@ def _default_dtype(name: str):
         torch.set_default_dtype(before)
 
 
-def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu"):
-    """The Hugging Face model of ``result`` for ``step`` (PEFT applied, checkpointing on if asked), in
-    training mode on ``device``."""
+def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", batches=None):
+    """The Hugging Face model of ``result`` for ``step`` (its attention resolved: see
+    ``step.resolve_attention``), PEFT applied, checkpointing on if asked, in training mode on ``device``."""
     import torch
     import transformers
 
     from .verify import apply_real_peft
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    hf = hf_config_for(result, step.attention)
+    hf = hf_config_for(result, step, device, batches)
     torch.manual_seed(seed)
     cls = _model_class(result)
     try:
         if result.quant is not None:
             from .quantized import build_quantized_model
 
-            model = build_quantized_model(result, hf, seed=seed, weights_dir=weights)
+            model = build_quantized_model(result, seed=seed, weights_dir=weights, attention=hf._attn_implementation)
         elif weights is not None:
             model = cls.from_pretrained(str(check_weights_dir(weights)), config=hf, local_files_only=True,
                                         dtype=getattr(torch, TORCH_DTYPES[step.dtype]))

@@ -197,8 +197,8 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     """Fine-tune ``result``'s model for ``options.steps`` optimizer steps and compare with the prediction.
 
     ``on_prediction(report)`` is called before training starts, ``on_step(index, loss, seconds)`` after
-    each step, ``on_model(model)`` once the model is built and again after the last step (tests use it to
-    check which parameters changed). Raises ``RunFailed`` (out of memory, or a predicted peak above the
+    each step, ``on_model(model)`` with the trained model (the weights are seeded: ``runtime.build_model``
+    with the same seed gives the model as it started). Raises ``RunFailed`` (out of memory, or a predicted peak above the
     device's memory without ``force``) with the report so far.
     """
     import torch
@@ -207,6 +207,9 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     from .measure import StepTimer, is_out_of_memory, meter_for, resident_bytes
     from .runtime import check_weights_dir, make_optimizer
 
+    from .step import resolve_attention
+
+    step = resolve_attention(step, result)  # build what the prediction assumes
     check_device(options.device)
     if options.weights is not None:
         check_weights_dir(options.weights)
@@ -224,9 +227,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     meter, timer, losses, index = meter_for(options.device), StepTimer(options.device), [], 0
     try:
         with meter.recording():
-            model, optimizer, accelerator = _prepare(result, step, options, make_optimizer)
-            if on_model:
-                on_model(accelerator.unwrap_model(model))
+            model, optimizer, accelerator = _prepare(result, step, options, make_optimizer, batches)
             report.measured["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             for index in range(options.warmup + 1):
                 measured = index == options.warmup
@@ -269,7 +270,7 @@ def _no_phase(_name):
     return contextlib.nullcontext()
 
 
-def _prepare(result, step, options: TrainOptions, make_optimizer):
+def _prepare(result, step, options: TrainOptions, make_optimizer, batches):
     """Model, optimizer and Accelerator, with accelerate doing placement, mixed precision and accumulation."""
     from accelerate import Accelerator
 
@@ -281,9 +282,13 @@ def _prepare(result, step, options: TrainOptions, make_optimizer):
     except (ValueError, RuntimeError) as exc:
         raise ParamcalcError(f"accelerate cannot run this step: {str(exc).splitlines()[0][:200]}") from None
     device = accelerator.device if options.kind == "cpu" else options.device
-    model = build_model(result, step, seed=options.seed, weights=options.weights, device=str(device))
+    model = build_model(result, step, seed=options.seed, weights=options.weights, device=str(device),
+                        batches=batches)
     optimizer = make_optimizer(step.optimizer, model.parameters(), options.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # DDP broadcasts the weights from process 0 into a flat buffer that gloo may hold until its work is
+    # reaped; a barrier lets it go, so every process starts its steps with the same memory
+    accelerator.wait_for_everyone()
     return model, optimizer, accelerator
 
 

@@ -1,0 +1,120 @@
+"""Predicted vs measured: real fine-tuning steps of the catalog models, judged by ``paramcalc train``.
+
+    python benchmarks/trainer_validation.py [--device cpu|cuda] [--quick] [--only NAME]
+
+Each row trains a catalog model (random weights) for a few real steps with ``paramcalc.train.train`` and
+compares the measured peak memory (CPU: allocator events; CUDA: max_memory_allocated) and tokens/s with
+paramcalc's prediction. Writes ``benchmarks/results/<device>.json`` (every report, whole) and
+``benchmarks/results/<device>.md`` (the table, with the median and largest error), and prints the table.
+The CPU is calibrated first (into a temporary profile folder, so the user's own profile stays as it is);
+the time model is a lower bound (matmul FLOPs + optimizer traffic), so read tokens/s as context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import paramcalc
+from paramcalc.step import Step
+from paramcalc.train import TrainOptions, train
+
+# (model, task, method, quant, batch, seq, step options)
+CASES = [
+    ("bert-base-uncased", "seq-cls", None, None, 8, 128, {}),
+    ("bert-base-uncased", "seq-cls", None, None, 8, 128, {"attention": "eager"}),
+    ("bert-base-uncased", "seq-cls", "lora:r=8", None, 8, 128, {"mixed_precision": "bf16"}),
+    ("bert-base-uncased", "seq-cls", None, None, 8, 128, {"grad_checkpointing": True}),
+    ("roberta-base", "seq-cls", None, None, 4, 128, {}),
+    ("roberta-base", "seq-cls", "lora:r=8", None, 4, 128, {"mixed_precision": "bf16"}),
+    ("t5-small", "seq2seq-lm", None, None, 8, 128, {}),
+    ("t5-small", "seq2seq-lm", "lora:r=8", None, 8, 128, {"mixed_precision": "bf16", "grad_checkpointing": True}),
+    ("gpt2", "causal-lm", None, None, 4, 128, {}),
+    ("gpt2", "causal-lm", "lora:r=8", None, 4, 128, {"mixed_precision": "bf16"}),
+    ("gpt2", "causal-lm", "lora:r=8", "nf4", 4, 128, {"mixed_precision": "bf16"}),
+    ("bloom-560m", "causal-lm", None, None, 1, 128, {}),
+    ("bloom-560m", "causal-lm", "lora:r=8", None, 2, 128, {"mixed_precision": "bf16"}),
+    ("bloom-560m", "causal-lm", "lora:r=16", "nf4", 2, 128, {"mixed_precision": "bf16"}),
+]
+QUICK = [0, 2, 6, 9, 10]
+
+
+def describe(method, quant, step: Step) -> str:
+    parts = [method.replace(":", " ") if method else "full"]
+    if quant:
+        parts.insert(0, f"Q{quant}")
+    if step.grad_checkpointing:
+        parts.append("+ckpt")
+    return " ".join(parts)
+
+
+def run_case(case, device: str) -> dict:
+    model, task, method, quant, batch, seq, extra = case
+    result = paramcalc.count(model, task=task, peft=method, quant=quant, formulas=False)
+    step = Step(batch=batch, seq=seq, **extra)
+    started = time.perf_counter()
+    report = train(result, step, TrainOptions(steps=4, warmup=1, device=device))
+    document = report.to_dict()
+    document["wall_s"] = time.perf_counter() - started
+    document["label"] = describe(method, quant, step)
+    return document
+
+
+def row(document: dict) -> str:
+    o, predicted, measured, error = (document["options"], document["predicted"] or {}, document["measured"],
+                                     document["error"])
+    precision = f"{o['mixed_precision']} mixed" if o["mixed_precision"] else o["dtype"]
+    peak = (predicted.get("memory") or {}).get("peak")
+    overhead = (predicted.get("memory") or {}).get("overhead", 0)
+    tokens = (predicted.get("throughput") or {}).get("tokens_per_s")
+    tokens_error = f"{100 * error['tokens_per_s']:+.0f} %" if "tokens_per_s" in error else "—"
+    return (f"| {document['model']} | {document['label']} | {o['batch']} x {o['seq']} | {precision} | "
+            f"{o['attention']} | {peak - overhead:,} | {measured['memory']['peak']:,} | "
+            f"{100 * error['peak']:+.2f} % | "
+            f"{f'{tokens:,.0f}' if tokens else '—'} | {measured['tokens_per_s']:,.0f} | "
+            f"{tokens_error} |")
+
+
+HEADER = ("| model | method | batch x seq | precision | attention | predicted peak (B) | measured peak (B) | "
+          "error | predicted tokens/s | measured tokens/s | error |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str]) -> None:
+    device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
+    cases = [CASES[i] for i in QUICK] if "--quick" in argv else CASES
+    if "--only" in argv:
+        cases = [c for c in cases if c[0] == argv[argv.index("--only") + 1]]
+    os.environ.setdefault("PARAMCALC_CACHE_DIR", tempfile.mkdtemp(prefix="paramcalc-validation-"))
+    name = device
+    if device == "cpu":
+        from paramcalc.calibrate import calibrate, save_profile
+
+        save_profile(calibrate())  # the time prediction needs this CPU's rates
+    else:
+        from paramcalc.calibrate import default_name
+
+        name = default_name("cuda")
+    documents = []
+    print(HEADER, flush=True)
+    for case in cases:
+        document = run_case(case, device)
+        documents.append(document)
+        print(row(document), flush=True)
+    errors = [abs(d["error"]["peak"]) for d in documents if "peak" in d["error"]]
+    summary = (f"peak memory: median |error| {100 * statistics.median(errors):.2f} %, largest "
+               f"{100 * max(errors):.2f} % over {len(errors)} runs")
+    print(summary)
+    folder = Path(__file__).parent / "results"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(documents, indent=1) + "\n")
+    table = "\n".join([HEADER, *(row(d) for d in documents), "", summary, ""])
+    (folder / f"{name}.md").write_text(f"`python benchmarks/trainer_validation.py --device {device}`\n\n{table}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

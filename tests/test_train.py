@@ -1,0 +1,177 @@
+"""``paramcalc train``: real fine-tuning steps on this CPU are the judge of the memory prediction."""
+
+import json
+
+import pytest
+
+import paramcalc
+from paramcalc.families import concrete_parameters
+from paramcalc.step import Step
+from paramcalc.train import TrainOptions, train
+from paramcalc.verify import peft_free_name
+
+TINY = {
+    "bert": ({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "intermediate_size": 128, "vocab_size": 300, "max_position_embeddings": 64}, "seq-cls"),
+    "roberta": ({"model_type": "roberta", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                 "intermediate_size": 128, "vocab_size": 300, "max_position_embeddings": 66, "pad_token_id": 1},
+                "token-cls"),
+    "gpt2": ({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 300, "n_positions": 64},
+             "causal-lm"),
+    "bloom": ({"model_type": "bloom", "n_layer": 2, "hidden_size": 64, "n_head": 4, "vocab_size": 300}, "causal-lm"),
+    "t5": ({"model_type": "t5", "num_layers": 2, "d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 128,
+            "vocab_size": 300}, "seq2seq-lm"),
+}
+TOLERANCE = 0.05  # the replay's promise against a real CPU step
+
+
+def _snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _trained_rows(result) -> set[str]:
+    """The parameter names of every row the count calls trainable."""
+    names = set()
+    for component in result.components:
+        if component.trainable:
+            names.update(concrete_parameters(component, result.values))
+    return names
+
+
+def run(result, step, **options):
+    """Train, keeping the parameters before (the same seeded build) and after."""
+    from paramcalc.runtime import build_model
+    from paramcalc.step import resolve_attention
+
+    trained = []
+    report = train(result, step, TrainOptions(**{"steps": 4, "lr": 5e-3, **options}),
+                   on_model=lambda model: trained.append(_snapshot(model)))
+    return report, _snapshot(build_model(result, resolve_attention(step, result), seed=0)), trained[0]
+
+
+@pytest.mark.parametrize("family", TINY)
+@pytest.mark.parametrize("method", [None, "lora:r=4"])
+def test_real_steps_match_the_prediction_and_train_exactly_the_trainable_rows(family, method):
+    config, task = TINY[family]
+    result = paramcalc.count(config, task=task, peft=method, formulas=False)
+    report, before, after = run(result, Step(batch=2, seq=32))
+    measured, loss = report.measured, report.measured["loss"]
+    assert loss[-1] < loss[0], loss  # the same batch every step: the model memorises it
+    error = report.errors()["peak"]
+    assert abs(error) <= TOLERANCE, f"predicted {report.predicted['memory']['peak']:,} vs measured " \
+                                    f"{measured['memory']['peak']:,} ({error:+.2%})"
+    changed = {peft_free_name(name) for name in before if not before[name].equal(after[name])}
+    frozen = {peft_free_name(name) for name in before} - changed
+    assert changed == _trained_rows(result), "trained parameters differ from the count's trainable rows"
+    assert frozen.isdisjoint(_trained_rows(result))
+    assert sum(after[n].numel() for n in after if peft_free_name(n) in changed) == result.trainable_params
+    assert measured["trainable_params"] == result.trainable_params
+    assert report.verdict() == "within tolerance"
+
+
+def test_mixed_precision_checkpointing_and_accumulation_run_and_are_judged():
+    config, task = TINY["gpt2"]
+    result = paramcalc.count(config, task=task, peft="lora:r=4", formulas=False)
+    report, _, _ = run(result, Step(batch=2, seq=32, mixed_precision="bf16", grad_checkpointing=True), grad_accum=2)
+    assert abs(report.errors()["peak"]) <= TOLERANCE
+    assert report.measured["loss"][-1] < report.measured["loss"][0]
+    document = report.to_dict()
+    assert document["schema"] == "paramcalc-train/1"
+    assert document["options"]["grad_accum"] == 2 and document["options"]["mixed_precision"] == "bf16"
+    assert document["measured"]["tokens_per_s"] > 0 and document["measured"]["steps"] == 4
+
+
+@pytest.fixture
+def tiny_gpt2(tmp_path):
+    config, _ = TINY["gpt2"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_cli_json_and_out_line(cli, tiny_gpt2, tmp_path):
+    out = tmp_path / "runs.jsonl"
+    args = ["train", tiny_gpt2, "--task", "causal-lm", "--batch", "2", "--seq", "32", "--steps", "3", "--json",
+            "--out", str(out)]
+    first, second = cli(*args), cli(*args)
+    assert first.exit_code == 0, first.output
+    document = json.loads(first.stdout)
+    assert document["predicted"]["memory"]["peak"] > 0 and document["measured"]["memory"]["peak"] > 0
+    assert document["device"]["kind"] == "cpu" and document["verdict"] == "within tolerance"
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and [json.loads(line)["schema"] for line in lines] == ["paramcalc-train/1"] * 2
+    assert second.exit_code == 0
+
+
+def test_cli_table(cli, tiny_gpt2):
+    result = cli("train", tiny_gpt2, "--task", "causal-lm", "--batch", "2", "--seq", "16", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    assert "predicted" in result.stderr  # the prediction, printed before training starts
+    for text in ("peak", "measured", "tokens/s", "verdict: within tolerance", "loss"):
+        assert text in result.stdout
+
+
+def test_local_checkpoint_weights(cli, tmp_path):
+    import transformers
+
+    config, _ = TINY["gpt2"]
+    folder = tmp_path / "checkpoint"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).save_pretrained(folder)
+    result = cli("train", str(folder), "--task", "causal-lm", "--weights", str(folder), "--batch", "2", "--seq", "16",
+                 "--steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"]["weights"] == str(folder)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--weights", "/nonexistent/folder"], "no such folder"),
+    (["--weights", "."], "holds no weights"),
+    (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--steps", "2", "--warmup", "2"], "leaves no step to measure"),
+    (["--grad-accum", "0"], "--grad-accum must be a positive integer"),
+    (["--lr", "0"], "--lr must be positive"),
+])
+def test_bad_input_is_one_line_and_exit_2(cli, refused, tiny_gpt2, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    refused(cli("train", tiny_gpt2, "--task", "causal-lm", "--seq", "16", "--steps", "3", *extra), message)
+
+
+@pytest.mark.parametrize(("content", "message"), [("", "no examples"), (b"\xff\xfe\x00bad", "")])
+def test_bad_data_files_are_refused(cli, refused, tiny_gpt2, tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    result = cli("train", tiny_gpt2, "--task", "causal-lm", "--seq", "16", "--data", str(path))
+    refused(result, message or str(path))
+
+
+def test_a_prediction_above_the_device_memory_is_not_started(cli, tiny_gpt2, tmp_path):
+    out = tmp_path / "runs.jsonl"
+    result = cli("train", tiny_gpt2, "--task", "causal-lm", "--seq", "16", "--device-mem", "1MiB", "--json", "--out", str(out))
+    assert result.exit_code == 3, result.output
+    assert "not starting" in result.stderr and "--force" in result.stderr
+    document = json.loads(result.stdout)
+    assert document["predicted"]["fits"] is False and document["measured"] == {}
+    assert json.loads(out.read_text())["failed"].startswith("the predicted peak")
+
+
+def test_out_of_memory_during_the_run_is_reported_with_exit_3(cli, tiny_gpt2, monkeypatch):
+    import paramcalc.train as trainer
+
+    real_step, calls = trainer._step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_step", failing_step)
+    result = cli("train", tiny_gpt2, "--task", "causal-lm", "--seq", "16", "--steps", "3", "--json")
+    assert result.exit_code == 3, result.output
+    assert "out of memory at step 2" in result.stderr and "Traceback" not in result.output
+    document = json.loads(result.stdout)
+    assert document["measured"]["failed"] == "out of memory" and len(document["measured"]["loss"]) == 1
+    assert document["predicted"]["memory"]["peak"] > 0  # reported beside the prediction

@@ -102,6 +102,10 @@ class _Progress:
         self.bar = None
 
     def __enter__(self):
+        import os
+
+        if os.environ.get("RANK", "0") != "0":  # under accelerate launch only the first process draws a bar
+            self.console.quiet = True
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),

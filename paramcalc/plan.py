@@ -181,8 +181,6 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
 
     parallel = parallel or Parallel()
     chosen = profile(device, step, device_mem)
-    if parallel.gpus > 1 and chosen.kind == "cpu":
-        raise ParamcalcError("--gpus shards model states across GPUs; name a GPU with --device (e.g. a100-80gb)")
     if any(method in ("adapter", "prefix") for method, _ in result.peft_options):
         raise ParamcalcError("the memory replay covers full fine-tuning, LoRA, IA3, prompt tuning and p-tuning; "
                              "adapters and prefix tuning are not modelled yet")
@@ -194,8 +192,11 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
     if parallel.zero >= 3:  # ZeRO-3/FSDP gather one layer's full weights at a time
         weights += _largest_layer_bytes(result, step)
     overhead = CUDA_OVERHEAD if chosen.kind == "cuda" else 0
-    peak = weights + gradients + optimizer + at_peak["activations"] + at_peak["transient"] + overhead
-    memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+    # DDP (data parallelism without sharding) copies the gradients into flat buckets for the all-reduce
+    # (torch's default gradient_as_bucket_view=False): one more gradient-sized buffer, alive throughout
+    buckets = states.gradients if parallel.gpus > 1 and parallel.zero == 0 else 0
+    peak = weights + gradients + optimizer + at_peak["activations"] + at_peak["transient"] + overhead + buckets
+    memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "ddp_buckets": buckets,
               "activations": at_peak["activations"], "transient": at_peak["transient"], "overhead": overhead,
               "peak": peak, "band": [int(peak * BAND[0]), int(peak * BAND[1])]}
     formulas = _formulas(step, parallel)
@@ -254,6 +255,7 @@ def _formulas(step: Step, parallel: Parallel) -> dict[str, str]:
         "activations": "what the flow's ops save for backward, alive at the peak (replayed op by op)",
         "transient": "gradients flowing between ops, recomputed layers, the optimizer's temporaries",
         "overhead": "CUDA context + allocator (assumed 0.5 GiB on a GPU, none on the CPU)",
+        "ddp_buckets": "trainable x bytes(dtype): DDP's flat gradient buckets" if n > 1 and not parallel.zero else "0",
     }
 
 

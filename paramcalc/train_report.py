@@ -19,7 +19,7 @@ def _title(report) -> str:
     quant = f" on a {o['quant']['type']} base" if o.get("quant") else ""
     return (f"{report.model} ({report.task}) · {method}{quant} · batch {o['batch']} x {o['seq']} · {precision} · "
             f"{o['optimizer']} · {o['attention']} attention{' · checkpointing' if o['grad_checkpointing'] else ''}"
-            f" · {report.device['name']}" + (f" x {report.device['processes']} processes"
+            f" · {report.device['name']}" + (f" · process {report.device['rank']} of {report.device['processes']}"
                                              if report.device.get("processes", 1) > 1 else ""))
 
 

@@ -175,3 +175,28 @@ def test_out_of_memory_during_the_run_is_reported_with_exit_3(cli, tiny_gpt2, mo
     document = json.loads(result.stdout)
     assert document["measured"]["failed"] == "out of memory" and len(document["measured"]["loss"]) == 1
     assert document["predicted"]["memory"]["peak"] > 0  # reported beside the prediction
+
+
+def test_two_process_data_parallel_run_predicts_each_process_with_ddp_buckets(tiny_gpt2, tmp_path):
+    """accelerate launch, two CPU processes talking over gloo: each process measures its own peak, which
+    holds DDP's gradient buckets (one more gradient-sized buffer) on top of a single process's step."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "runs.jsonl"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29517", "-m", "paramcalc", "train", tiny_gpt2, "--task", "causal-lm", "--batch", "2", "--seq", "16",
+               "--steps", "3", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["device"]["rank"])
+    assert [r["device"]["rank"] for r in reports] == [0, 1]
+    for report in reports:
+        assert report["device"]["processes"] == 2
+        memory = report["predicted"]["memory"]
+        # full fine-tuning in fp32: a bucket slot of 4 bytes for every trainable parameter
+        assert memory["ddp_buckets"] == 4 * report["measured"]["trainable_params"] > 0
+        assert abs(report["error"]["peak"]) <= TOLERANCE, report["error"]

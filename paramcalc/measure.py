@@ -74,9 +74,14 @@ class CpuMeter:
 
         return record_function(_LABEL + name)
 
+    def mark(self, name: str) -> None:
+        """Remember the bytes alive now under ``name`` (read back by ``summary``)."""
+        with self.phase(name):
+            pass
+
     def summary(self) -> dict:
-        """{before, peak, forward, backward, optimizer}: bytes alive before the measured step, its peak, and
-        each phase's peak (None for a phase that did not run)."""
+        """{before, peak, forward, backward, optimizer, and each mark}: bytes alive before the measured step,
+        its peak, each phase's peak (None for a phase that did not run) and the bytes alive at each mark."""
         if self._events is None:
             raise RuntimeError("nothing was recorded")
         deltas, ranges = [], {}
@@ -92,8 +97,13 @@ class CpuMeter:
         step_start, step_end = ranges["step"][-1]
         windows = {phase: [r for r in ranges.get(phase, []) if step_start <= r[0] <= step_end] for phase in PHASES}
         peaks = dict.fromkeys(PHASES)
+        marks = {name: spans[0][0] for name, spans in ranges.items() if name not in PHASES and name != "step"}
+        at_mark = dict.fromkeys(marks, 0)
         alive = before = step_peak = 0
         for when, delta in deltas:
+            for name, moment in marks.items():
+                if when < moment:
+                    at_mark[name] = alive + delta
             if when < step_start:
                 alive += delta
                 before = alive
@@ -105,7 +115,7 @@ class CpuMeter:
             for phase, spans in windows.items():
                 if any(start <= when <= end for start, end in spans):
                     peaks[phase] = max(peaks[phase] or 0, alive)
-        return {"before": before, "peak": max(step_peak, before), **peaks}
+        return {"before": before, "peak": max(step_peak, before), **peaks, **at_mark}
 
 
 class CudaMeter:
@@ -114,6 +124,7 @@ class CudaMeter:
     def __init__(self, device):
         self.device = str(device)
         self._peaks: dict[str, int] = {}
+        self._marks: dict[str, int] = {}
         self._before = None
         self._recording = False
 
@@ -124,6 +135,12 @@ class CudaMeter:
             yield self
         finally:
             self._recording = False
+
+    def mark(self, name: str) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        self._marks[name] = torch.cuda.memory_allocated(self.device)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -152,7 +169,7 @@ class CudaMeter:
             raise RuntimeError("no measured step was marked")
         return {"before": self._before, "peak": self._peaks.get("step", self._before),
                 **{phase: self._peaks.get(phase) for phase in PHASES},
-                "reserved": torch.cuda.max_memory_reserved(self.device)}
+                "reserved": torch.cuda.max_memory_reserved(self.device), **self._marks}
 
 
 def meter_for(device) -> CpuMeter | CudaMeter:

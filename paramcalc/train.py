@@ -91,7 +91,8 @@ class TrainReport:
             return {}
         predicted, measured = self.predicted["memory"], self.measured["memory"]
         overhead = predicted.get("overhead", 0)  # a GPU's context is not an allocation torch sees
-        errors = {"peak": _relative(predicted["peak"] - overhead, measured["peak"])}
+        errors = {"peak": _relative(predicted["peak"] - overhead, measured["peak"]),
+                  "loaded": _relative(predicted["weights"] + predicted.get("ddp_buckets", 0), measured.get("loaded"))}
         for phase in ("forward", "backward", "optimizer"):
             mine, theirs = (predicted.get("phases") or {}).get(phase), measured.get(phase)
             if mine and theirs:
@@ -228,6 +229,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     try:
         with meter.recording():
             model, optimizer, accelerator = _prepare(result, step, options, make_optimizer, batches)
+            meter.mark("loaded")  # the model states before the first step: weights, buffers, DDP buckets
             report.measured["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             for index in range(options.warmup + 1):
                 measured = index == options.warmup

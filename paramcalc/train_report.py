@@ -59,6 +59,10 @@ def comparison_table(report):
         mine = predicted.get("peak") - overhead if key == "peak" and predicted else (predicted.get("phases") or {}).get(key)
         table.add_row(label, _bytes(mine) if mine else "—", _bytes(measured[key]) if measured.get(key) else "—",
                       _percent(errors.get(key)))
+    if measured.get("loaded") is not None:
+        loaded = predicted.get("weights", 0) + predicted.get("ddp_buckets", 0) if predicted else None
+        table.add_row("model before the first step", _bytes(loaded) if loaded else "—", _bytes(measured["loaded"]),
+                      _percent(errors.get("loaded")))
     if measured.get("before") is not None:
         states = sum(predicted.get(k, 0) for k in ("weights", "optimizer")) if predicted else None
         table.add_row("alive before the step", _bytes(states) if states else "—", _bytes(measured["before"]),

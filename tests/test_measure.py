@@ -14,6 +14,7 @@ def test_cpu_meter_counts_every_allocation_byte_for_byte():
     meter = CpuMeter()
     with meter.recording():
         kept = torch.empty(MIB, dtype=torch.uint8)  # alive before the step: 1 MiB
+        meter.mark("loaded")
         with meter.phase("step"):
             with meter.phase("forward"):
                 saved = torch.empty(3 * MIB, dtype=torch.uint8)  # kept for "backward"
@@ -26,7 +27,7 @@ def test_cpu_meter_counts_every_allocation_byte_for_byte():
                 state = torch.empty(4 * MIB, dtype=torch.uint8)  # 1 + 1 + 4
                 del state
     summary = meter.summary()
-    assert summary["before"] == MIB
+    assert summary["before"] == summary["loaded"] == MIB
     assert summary["forward"] == 6 * MIB
     assert summary["backward"] == 5 * MIB
     assert summary["optimizer"] == 6 * MIB
@@ -63,6 +64,7 @@ def test_cuda_meter_resets_the_peak_per_phase(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
     meter = CudaMeter("cuda:0")
     fake.allocate(100)  # model states
+    meter.mark("loaded")
     with meter.recording():
         with meter.phase("step"):
             with meter.phase("forward"):
@@ -74,7 +76,7 @@ def test_cuda_meter_resets_the_peak_per_phase(monkeypatch):
                 fake.allocate(10)
                 fake.allocate(-10)
     summary = meter.summary()
-    assert summary["before"] == 100
+    assert summary["before"] == summary["loaded"] == 100
     assert (summary["forward"], summary["backward"], summary["optimizer"]) == (150, 180, 130)
     assert summary["peak"] == 180
 

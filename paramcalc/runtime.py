@@ -91,12 +91,9 @@ def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", 
     if result.quant is None:
         model = model.to(device)
     if result.peft_options:
-        if any(method == "adapter" for method, _ in result.peft_options):
-            raise ParamcalcError("paramcalc train cannot run bottleneck adapters yet: AdapterHub cannot be "
-                                 "installed beside transformers 5 (count them with --adapter, measure LoRA instead)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = apply_real_peft(model, result)
+            model = apply_real_peft(model, result)  # adapters: tuners.adapter.inject, real modules run by hooks
     if step.grad_checkpointing:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the method's name is deprecated in transformers 5; its effect is not

@@ -10,9 +10,9 @@ it saves, following what torch's derivative formulas save (``tools/autograd/deri
   out in Python, saves its input and the normalised tensor;
 - dropout saves its mask (on the CPU a full tensor of the input's dtype, on CUDA one byte per value);
 - GELU saves its input, ReLU its output, GPT-2's tanh GELU four tensors (it is written out in Python);
-- eager attention saves contiguous copies of q, k and v, the softmax output and, with dropout, the mask
-  and the dropped probabilities (all ``b*heads*q*k``); the fused kernels (sdpa, flash) save q, k, v,
-  the output and a log-sum-exp per row, never the ``q*k`` scores (Dao et al. 2022, arXiv:2205.14135);
+- attention keeps what the kernel that really runs keeps (``paramcalc.attention``): eager attention and
+  torch's math path (sdpa with attention dropout on a CPU) the ``b*heads*q*k`` probabilities and dropout
+  mask, the fused kernels only q, k, v, the output and a log-sum-exp per row;
 - the loss keeps the log-probabilities (``tokens*V`` in fp32) for its backward.
 
 A tensor saved by several ops (the input of q, k and v) is held once. Backward runs the flow in
@@ -28,11 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import expr
+from . import attention
+from .errors import ParamcalcError
 from .families import concrete_parameters, families
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
 from .memory import DTYPE_BYTES, model_states
-from .step import Step, check_fits_model
+from .step import Step, check_fits_model, resolve_attention
 
 SCOPE_END = "|"  # in a flow: a Python function returns here, and the values only it still held are freed
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "transient")
@@ -155,7 +156,11 @@ class _Context:
 
 def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     """Replay one steady-state training step (optimizer state already allocated) and return its timeline."""
+    if result.generic:
+        raise ParamcalcError("the memory replay needs a family file (bert, roberta, t5, gpt2, bloom); "
+                             "paramcalc.plan traces other models instead")
     check_fits_model(step, result)
+    step = resolve_attention(step, result)
     family = families()[result.family]
     values = {**result.values, **step.symbols(result.task)}
     for method, options in result.peft_options:
@@ -173,7 +178,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     ledger.new(states.optimizer, "optimizer")
     streams: dict[str, Value] = {}
     records: list[_Record | _Checkpointed] = []
-    cache: list[int] = []  # autocast's cached weight copies, alive until the forward ends
+    cache: list[int] = []  # autocast's cached weight copies and the key/value cache: alive until the forward ends
     pinned: list[int] = []  # values the model's forward keeps in a local ("keep"), alive until it returns
     parts = family.tasks[result.task].parts
     last_target = _io(family.flow[parts[-1]][-1])[1]
@@ -383,7 +388,9 @@ def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context,
         if out is inputs[0]:
             ledger.hold(out.tid)
     elif name.startswith("attention core"):
-        out = _attention(name, inputs, ledger, ctx, new, save)
+        core = ctx.family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
+        out = attention.replay(core, inputs, ledger, ctx, new, save,
+                               lambda x, p: _dropout(x, p, ledger, ctx, save), record, cache)
     else:
         module = ctx.modules.get(name.removesuffix(" [tied]"))
         if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5):
@@ -560,73 +567,6 @@ def _module(name, module, x: Value, ledger, ctx: _Context, new, save, cache, rec
     if operand is not x:
         ledger.drop(operand.tid)
     return out
-
-
-def _attention(name, inputs, ledger, ctx: _Context, new, save) -> Value:
-    core = ctx.family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
-    values = ctx.values
-    heads, dim = expr.evaluate(core["heads"], values), expr.evaluate(core["head_dim"], values)
-    q_len, k_len = expr.evaluate(core["q_len"], values), expr.evaluate(core["k_len"], values)
-    b = values["b"]
-    q, k, v = inputs
-    grad = q.grad or k.grad or v.grad
-    width = ctx.compute
-    if ctx.step.attention != "eager":  # fused kernel: q, k, v, the output and a log-sum-exp per row
-        cached = []
-        if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
-            # the model's key/value cache (on unless checkpointing turns it off) concatenates k and v
-            # into new tensors, and the kernel saves those
-            k, v = cached = [new(b * k_len * heads * dim, width, value.grad) for value in (k, v)]
-        out = new(b * q_len * heads * dim, width, grad)
-        if grad:
-            for value in (q, k, v, out):
-                save(value)
-        for value in cached:  # the record holds them now (the cache itself dies with the model's output)
-            ledger.drop(value.tid)
-            lse = new(b * heads * q_len, 4, False)
-            save(lse)
-            ledger.drop(lse.tid)
-        context = new(b * q_len * heads * dim, width, grad)  # transposed back to [b, q, h*d]: a copy
-        ledger.drop(out.tid)
-        return context
-    copies = [new(b * length * heads * dim, width, value.grad) for value, length in ((q, q_len), (k, k_len), (v, k_len))]
-    qc, kc, vc = copies
-    if kc.grad:
-        save(qc)
-    if qc.grad:
-        save(kc)
-    scores = b * heads * q_len * k_len
-    logits = new(scores, width, grad)  # q @ k^T (scaled, masked): alive while the softmax is computed
-    # The softmax runs in fp32 when the model asks for it (BLOOM), when an fp32 mask or position bias is
-    # added to half-precision scores (type promotion), and always under CUDA autocast (softmax is on its
-    # fp32 list; CPU autocast leaves it in the input's dtype).
-    fp32_softmax = core.get("softmax_fp32", False) or (
-        ctx.autocast and (ctx.device != "cpu" or core.get("fp32_mask", False)))
-    if fp32_softmax and width != 4:
-        upcast = new(scores, 4, grad)
-        ledger.drop(logits.tid)
-        logits = upcast
-    probs = new(scores, 4 if fp32_softmax else width, grad)
-    ledger.drop(logits.tid)
-    if grad:
-        save(probs)
-    if probs.width != width and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(input_dtype)
-        cast = new(scores, width, grad)
-        ledger.drop(probs.tid)
-        probs = cast
-    dropped = _dropout(probs, float(ctx.config.get(core.get("dropout", ""), 0.0)), ledger, ctx, save)
-    ledger.drop(probs.tid)
-    if dropped.width != width:  # the matmul with v casts the probabilities to half precision itself
-        cast = new(scores, width, dropped.grad)
-        ledger.drop(dropped.tid)
-        dropped = cast
-    if vc.grad:
-        save(dropped)
-    if dropped.grad:
-        save(vc)
-    for value in (*copies, dropped):
-        ledger.drop(value.tid)
-    return new(b * q_len * heads * dim, width, grad)  # heads merged back: a contiguous copy
 
 
 def _loss(result, streams, ledger, ctx: _Context, last_target: str) -> list[_Record]:

@@ -88,8 +88,9 @@ def step_options(command):
         click.option("--optimizer", default="adamw", show_default=True,
                      help="adamw, adam, sgd, sgd-momentum, adamw-8bit or adafactor."),
         click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass."),
-        click.option("--attention", type=click.Choice(("eager", "sdpa", "flash")), default="eager",
-                     show_default=True, help="eager keeps the s x s attention probabilities; fused kernels do not."),
+        click.option("--attention", type=click.Choice(("auto", "eager", "sdpa", "flash")), default="auto",
+                     show_default=True, help="auto: what transformers builds (sdpa where the model has it). eager, "
+                     "and sdpa with attention dropout on a CPU, keep the s x s probabilities; fused kernels do not."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -175,6 +176,7 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         document = result.to_dict()
         if step_plan is not None:
             document.update(step_plan.to_dict())
+            step = step_plan.step  # --attention auto resolved
             document["step"] = {"batch": step.batch, "seq": step.seq, "tgt_seq": step.tgt_seq, "dtype": step.dtype,
                                 "mixed_precision": step.mixed_precision, "optimizer": step.optimizer,
                                 "grad_checkpointing": step.grad_checkpointing, "attention": step.attention}

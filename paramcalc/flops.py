@@ -6,18 +6,19 @@ Only matrix multiplications count (mm, addmm, bmm, baddbmm and the fused attenti
 when anything before it trains. So the step follows the family file's ``[flow]``: which streams need
 gradients, op by op and layer by layer. With a frozen base (PEFT), nothing before the first trainable
 module pays for input gradients. Attention cores cost ``2*b*h*q*k*d`` per matmul: two forward; eager
-backward one per operand that needs a gradient; the fused kernels five when any does, as torch counts
-them (they recompute the scores). LoRA adds ``2*T*r*(in + out)`` forward (Hu et al. 2021).
+backward one per operand that needs a gradient, and so does torch's math path (sdpa with attention
+dropout on a CPU, ``paramcalc.attention``); the fused kernels five when any does, as torch counts them
+(they recompute the scores). LoRA adds ``2*T*r*(in + out)`` forward (Hu et al. 2021).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import expr
+from . import attention, expr
 from .errors import ParamcalcError
 from .families import families
-from .step import Step, check_fits_model
+from .step import Step, check_fits_model, resolve_attention
 
 MATMUL_KINDS = ("linear", "conv1d", "tied")
 # flow ops without a weight (residual add, product, dropout, activation, casts, scaling, views): they pass
@@ -55,7 +56,9 @@ class _Module:
     ia3_output: bool = False
 
 
-def step_flops(result, step: Step) -> Flops:
+def step_flops(result, step: Step, device: str = "cpu") -> Flops:
+    """Forward and backward matmul FLOPs of one step on a ``device`` kind (cpu or cuda: which attention
+    kernel runs)."""
     if result.generic:
         raise ParamcalcError("FLOPs need a model with a formula file (bert, roberta, t5, gpt2, bloom)")
     methods = {method for method, _ in result.peft_options}
@@ -63,6 +66,7 @@ def step_flops(result, step: Step) -> Flops:
         raise ParamcalcError("analytic FLOPs model full fine-tuning, LoRA and IA3; prompt, prefix, p-tuning, "
                              "adapters and DoRA are not modelled yet ('paramcalc trace' measures them)")
     check_fits_model(step, result)
+    step = resolve_attention(step, result)
     family = families()[result.family]
     values = {**result.values, **step.symbols(result.task)}
     modules = _modules(result, family, values)
@@ -75,7 +79,7 @@ def step_flops(result, step: Step) -> Flops:
             for op in family.flow.get(part, []):
                 if op == "|":  # a scope boundary, for the memory replay
                     continue
-                _run(op, modules, needs_grad, rows, family, values, step, written)
+                _run(op, modules, needs_grad, rows, family, values, step, written, (result.config, device))
     return Flops(sum(f for f, _ in rows.values()), sum(b for _, b in rows.values()), rows)
 
 
@@ -130,7 +134,7 @@ def _count_of(result, param: str) -> int:
     return next(c.repeat_count for c in result.components if c.param == param and c.group != "peft")
 
 
-def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written: set[str]) -> None:
+def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written: set[str], where) -> None:
     flow, _, name = op.partition(":")
     sources, _, target = flow.partition("->")
     inputs = [s.strip() for s in sources.split(",") if s.strip()]
@@ -144,7 +148,7 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
         return
     if name.startswith("attention core"):
         written.add(target)
-        needs_grad[target] = _attention(name, inputs, needs_grad, rows, family, values, step)
+        needs_grad[target] = _attention(name, inputs, needs_grad, rows, family, values, step, *where)
         return
     tied_copy = name.endswith(" [tied]")  # the model runs a tied twin: same weight, no PEFT wrapper
     module = modules.get(name.removesuffix(" [tied]"))
@@ -177,13 +181,14 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
     needs_grad[target] = grad_out
 
 
-def _attention(name, inputs, needs_grad, rows, family, values, step: Step) -> bool:
+def _attention(name, inputs, needs_grad, rows, family, values, step: Step, config: dict, device: str) -> bool:
     core = family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
-    heads, dim = expr.evaluate(core["heads"], values), expr.evaluate(core["head_dim"], values)
-    q_len, k_len = expr.evaluate(core["q_len"], values), expr.evaluate(core["k_len"], values)
-    one = 2 * values["b"] * heads * q_len * k_len * dim  # one of the two matmuls
+    b, heads, dim, q_len, k_len = attention.shapes(core, values)
+    one = 2 * b * heads * q_len * k_len * dim  # one of the two matmuls
     q, k, v = (needs_grad.get(s, False) for s in inputs)
-    if step.attention == "eager":  # scores = q @ k^T, out = probs @ v: a gradient per operand that needs one
+    if attention.kernel(step, core, config, device) != "fused":
+        # eager, or torch's math path (sdpa with dropout on a CPU): scores = q @ k^T, out = probs @ v,
+        # a gradient per operand that needs one
         backward = one * (q + k + (q or k) + v)
     else:
         backward = 5 * one if (q or k or v) else 0

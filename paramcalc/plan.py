@@ -2,7 +2,9 @@
 
 Builds on three torch-free pieces: ``memory.model_states`` (weights, gradients, optimizer state),
 ``activations.simulate`` (the step replayed op by op, for activations and transient peaks) and
-``flops.step_flops``. Here they are sharded across GPUs, put on a device and turned into time.
+``flops.step_flops``. Here they are sharded across GPUs, put on a device and turned into time. A model
+without a family file has no flow to replay: its step is traced on fake tensors (``trace.trace_step``,
+which imports torch; such a model was counted with transformers already).
 """
 
 from __future__ import annotations
@@ -157,6 +159,9 @@ class Plan:
     parallel: Parallel
     phase_of_peak: str
     notes: list[str] = field(default_factory=list)
+    step: Step | None = None  # the step predicted, its attention resolved (resolve_attention)
+    phase_peaks: dict[str, int] = field(default_factory=dict)  # the high-water mark of each phase
+    source: str = "replay"  # replay: the family file's flow, op by op; trace: one step on fake tensors
 
     def fits(self) -> bool | None:
         return None if self.profile.memory is None else self.memory["peak"] <= self.profile.memory
@@ -165,7 +170,7 @@ class Plan:
         return {"memory": self.memory, "flops": self.flops, "throughput": self.throughput,
                 "device": {"profile": self.profile.name, "memory": self.profile.memory, "fits": self.fits(),
                            "gpus": self.parallel.gpus, "zero": self.parallel.zero},
-                "phase_of_peak": self.phase_of_peak, "notes": self.notes}
+                "phase_of_peak": self.phase_of_peak, "source": self.source, "notes": self.notes}
 
 
 # The band around the predicted peak: the replay matched traced steps within 5 % (tests/test_memory.py);
@@ -175,18 +180,31 @@ BAND = (0.95, 1.10)
 
 def plan(result, step: Step, device: str | None = None, device_mem: str | None = None,
          parallel: Parallel | None = None) -> Plan:
-    from . import activations
-    from .flops import UNMODELLED, step_flops
-    from .memory import model_states
+    """The memory, FLOPs and throughput of ``step`` for ``result``'s model on a device.
+
+    ``step.attention="auto"`` is resolved to what transformers builds (``Plan.step`` holds the step as
+    predicted, and a note says which kernel was assumed). A model without a family file is traced on
+    fake tensors (``paramcalc trace``): its memory and FLOPs are the traced step's.
+    """
+    from .attention import runs_note
+    from .step import attention_note, check_fits_model, resolve_attention
 
     parallel = parallel or Parallel()
     chosen = profile(device, step, device_mem)
     if any(method in ("adapter", "prefix") for method, _ in result.peft_options):
         raise ParamcalcError("the memory replay covers full fine-tuning, LoRA, IA3, prompt tuning and p-tuning; "
                              "adapters and prefix tuning are not modelled yet")
-    states = model_states(result, step)
-    timeline = activations.simulate(result, step, device=chosen.kind)
-    at_peak = timeline.at_peak
+    check_fits_model(step, result)
+    notes = [attention_note(step, result)]
+    step = resolve_attention(step, result)
+    notes += filter(None, [runs_note(step, result, chosen.kind)])
+    if result.generic:
+        states, at_peak, phases, flops, why = _traced(result, step, chosen)
+        notes.append(why)
+        source = "trace"
+    else:
+        states, at_peak, phases, flops = _replayed(result, step, chosen, notes)
+        source = "replay"
     # the terms alive at the peak, with the model states each GPU keeps under sharding
     weights, gradients, optimizer = parallel.shard(at_peak["weights"], at_peak["gradients"], at_peak["optimizer"])
     if parallel.zero >= 3:  # ZeRO-3/FSDP gather one layer's full weights at a time
@@ -200,22 +218,52 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
               "activations": at_peak["activations"], "transient": at_peak["transient"], "overhead": overhead,
               "peak": peak, "band": [int(peak * BAND[0]), int(peak * BAND[1])]}
     formulas = _formulas(step, parallel)
-    notes = []
-    flops = throughput = None
+    if source == "trace":
+        formulas["activations"] = "what the traced step's forward kept, alive at the peak (fake tensors)"
+    throughput = _throughput(flops, states, step, chosen, result) if flops else None
+    if flops and step.grad_checkpointing:
+        notes.append("FLOPs and step time leave out the checkpointed layers' second forward in backward "
+                     "(about one more forward pass of the layers)")
+    return Plan(memory, formulas, flops, throughput, chosen, parallel, phases[0], notes, step, phases[1], source)
+
+
+def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
+    """Model states, the replayed timeline's peak terms and phases, and FLOPs (None where not modelled)."""
+    from . import activations
+    from .flops import UNMODELLED, step_flops
+    from .memory import model_states
+
+    states = model_states(result, step)
+    timeline = activations.simulate(result, step, device=chosen.kind)
+    flops = None
     methods = {m for m, _ in result.peft_options}
     if not (methods & set(UNMODELLED)) and not any(getattr(o, "dora", False) for _, o in result.peft_options):
-        counted = step_flops(result, step)
+        counted = step_flops(result, step, device=chosen.kind)
         optimizer_flops = 0  # the update is elementwise: FlopCounterMode counts no matmul in it
         flops = {"forward": counted.forward, "backward": counted.backward, "optimizer": optimizer_flops,
                  "total": counted.total + optimizer_flops}
-        throughput = _throughput(flops, states, step, chosen, result)
-        if step.grad_checkpointing:
-            notes.append("FLOPs and step time leave out the checkpointed layers' second forward in backward "
-                         "(about one more forward pass of the layers)")
     else:
         notes.append("FLOPs and throughput cover full fine-tuning, LoRA and IA3; prompt methods change the "
                      "sequence (measure them with 'paramcalc trace')")
-    return Plan(memory, formulas, flops, throughput, chosen, parallel, timeline.phase_of_peak, notes)
+    return states, timeline.at_peak, (timeline.phase_of_peak, dict(timeline.phase_peaks)), flops
+
+
+def _traced(result, step: Step, chosen: Profile):
+    """A model without a family file: one steady step traced on fake tensors gives every term."""
+    from .memory import ModelStates
+    from .trace import trace_step
+
+    report = trace_step(result, step)
+    names = {"weights": "parameters", "gradients": "gradients", "optimizer": "optimizer",
+             "activations": "activations", "transient": "transient"}
+    at_peak = {ours: report.at_peak[theirs] for ours, theirs in names.items()}
+    after = report.after_step
+    states = ModelStates(after["parameters"], after["gradients"], after["optimizer"], 0)
+    why = (f"no family file: memory and FLOPs are those of one training step of {report.model_class} traced on "
+           "fake tensors ('paramcalc trace'), with this CPU's kernels")
+    if chosen.kind == "cuda":
+        why += "; on a GPU dropout keeps 1-byte masks and sdpa runs fused, so expect less activation memory"
+    return states, at_peak, (report.phase_of_peak, dict(report.phase_peaks)), dict(report.flops), why
 
 
 def _largest_layer_bytes(result, step: Step) -> int:

@@ -131,15 +131,20 @@ def latex_table(result: CountResult) -> str:
 
 def trace_comparison(result, step, report) -> dict:
     """The traced step next to paramcalc's analytic figures, with relative errors (raw numbers only)."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from .errors import ParamcalcError
     from .flops import step_flops
     from .memory import model_states
 
+    traced_step = replace(step, attention=report.attention or step.attention)
+    notes = list(report.notes)
+    if result.generic:  # nothing analytic to compare with
+        notes.append("no family file: there are no analytic figures to compare the trace with")
+        return {"model": result.model, "task": result.task, "step": asdict(traced_step), "traced": report.to_dict(),
+                "analytic": {"model_states": {}, "flops": None}, "relative_error": {}, "notes": notes}
     states = model_states(result, step)
     analytic = {"model_states": states.to_dict(), "flops": None}
-    notes = list(report.notes)
     try:
         analytic["flops"] = step_flops(result, step).to_dict()
     except ParamcalcError as exc:
@@ -150,7 +155,7 @@ def trace_comparison(result, step, report) -> dict:
     if analytic["flops"]:
         errors.update({f"flops_{k}": _relative(analytic["flops"][k], report.flops[k])
                        for k in ("forward", "backward", "total")})
-    return {"model": result.model, "task": result.task, "step": asdict(step), "traced": report.to_dict(),
+    return {"model": result.model, "task": result.task, "step": asdict(traced_step), "traced": report.to_dict(),
             "analytic": analytic, "relative_error": errors, "notes": notes}
 
 
@@ -202,6 +207,7 @@ def plan_table(step_plan, step, curve=None):
 
     memory, formulas = step_plan.memory, step_plan.formulas
     device = step_plan.profile
+    step = step_plan.step or step  # its attention resolved
     title = (f"training step: batch {step.batch} x {step.seq} tokens, {step.mixed_precision or step.dtype}"
              f"{' mixed' if step.mixed_precision else ''}, {step.optimizer}, {step.attention} attention"
              f"{', checkpointing' if step.grad_checkpointing else ''} · {device.name}"
@@ -209,11 +215,12 @@ def plan_table(step_plan, step, curve=None):
     table = Table(title=escape(title), title_justify="left")
     for column in ("memory", "formula", "bytes"):
         table.add_column(column, justify="right" if column == "bytes" else "left")
-    for term in ("weights", "gradients", "optimizer", "activations", "transient", "overhead"):
-        table.add_row(term, escape(formulas.get(term, "")), _bytes(memory[term]))
+    for term in ("weights", "gradients", "optimizer", "ddp_buckets", "activations", "transient", "overhead"):
+        if term in memory and (term != "ddp_buckets" or memory[term]):
+            table.add_row(term, escape(formulas.get(term, "")), _bytes(memory[term]))
     low, high = memory["band"]
-    table.add_row(Text("peak", style="bold"), f"during {step_plan.phase_of_peak} (band {_bytes(low)} - {_bytes(high)})",
-                  Text(_bytes(memory["peak"]), style="bold"))
+    table.add_row(Text("peak", style="bold"), f"during {step_plan.phase_of_peak} (band {_bytes(low)} - {_bytes(high)})"
+                  + (", traced" if step_plan.source == "trace" else ""), Text(_bytes(memory["peak"]), style="bold"))
     lines = [table]
     fits = step_plan.fits()
     if fits is not None:

@@ -1,5 +1,10 @@
 """One training step as the user plans it: batch, sequence lengths, precision, optimizer, attention.
 
+``attention="auto"`` (the default) means what transformers 5 builds when it is not told: sdpa where the
+model class supports it (``_supports_sdpa``), eager otherwise (``PreTrainedModel.get_correct_attn_implementation``).
+``resolve_attention`` turns it into the concrete kernel, from the family file's ``attention_kernels``
+(tests/test_step.py checks that against transformers on the meta device).
+
 Torch-free: the analytic FLOP and memory predictions read it, and so does the tracer.
 """
 
@@ -11,8 +16,13 @@ from .errors import ParamcalcError
 
 DTYPES = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor")
-ATTENTION = ("eager", "sdpa", "flash")
+ATTENTION = ("auto", "eager", "sdpa", "flash")
+KERNELS = ATTENTION[1:]
 POSITIONS_KEY = {"bert": "P", "roberta": "P", "gpt2": "P"}  # families with learned, bounded positions
+# Families whose family file does not (yet) model the kernel transformers 5 builds for them by default:
+# --attention auto takes the family file's kernel there, and says so. (T5's sdpa passes its position bias
+# as a float mask; traced, its CPU math path keeps within 4 % of the eager replay's peak on small configs.)
+NOT_TRANSFORMERS_DEFAULT = {"t5": "sdpa"}
 
 
 @dataclass(frozen=True)
@@ -24,7 +34,7 @@ class Step:
     mixed_precision: str | None = None  # fp16 | bf16 autocast with fp32 master weights
     optimizer: str = "adamw"
     grad_checkpointing: bool = False
-    attention: str = "eager"
+    attention: str = "auto"  # resolve_attention: what transformers builds for the model
 
     def __post_init__(self):
         for name in ("batch", "seq") + (("tgt_seq",) if self.tgt_seq is not None else ()):
@@ -57,7 +67,7 @@ def check_fits_model(step: Step, result) -> None:
 
     if not result.generic:
         kernels = families()[result.family].attention_kernels
-        if step.attention not in kernels:
+        if step.attention not in kernels + ("auto",):
             raise ParamcalcError(f"--attention {step.attention}: transformers runs {result.family} with "
                                  f"{' or '.join(kernels)} attention only")
     symbol = POSITIONS_KEY.get(result.family)
@@ -71,3 +81,57 @@ def check_fits_model(step: Step, result) -> None:
                                  f"allows at most {usable} tokens")
     if step.tgt_seq is not None and result.family != "t5":
         raise ParamcalcError("--tgt-seq is for encoder-decoder models (T5); this model reads --seq only")
+
+
+def default_attention(result) -> str:
+    """The kernel transformers builds for ``result``'s model when no ``attn_implementation`` is given.
+
+    From the family file (torch-free): sdpa when it lists sdpa, else eager. A model without a family file
+    asks transformers (already imported to count it) whether its class supports sdpa.
+    """
+    if not result.generic:
+        from .families import families
+
+        return "sdpa" if "sdpa" in families()[result.family].attention_kernels else "eager"
+    import transformers
+
+    cls = getattr(transformers, result.hf_class, None)
+    if cls is None:  # a custom module: no attention implementation to choose
+        return "auto"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def resolve_attention(step: Step, result) -> Step:
+    """``step`` with ``attention="auto"`` replaced by the kernel transformers builds for ``result``'s model.
+
+    A concrete choice (eager, sdpa, flash) is returned as it is. Build the model with
+    ``attn_implementation(step, device)`` to run what was predicted.
+    """
+    if step.attention != "auto":
+        return step
+    from dataclasses import replace
+
+    return replace(step, attention=default_attention(result))
+
+
+def attn_implementation(step: Step, device: str = "cpu") -> str:
+    """transformers' ``attn_implementation`` for a resolved step: flash is flash_attention_2 on CUDA and
+    torch's sdpa (its flash kernel) on a CPU, as ``paramcalc trace`` builds it."""
+    if step.attention not in KERNELS:
+        raise ParamcalcError(f"resolve --attention {step.attention} first (paramcalc.step.resolve_attention)")
+    if step.attention == "flash":
+        return "flash_attention_2" if device == "cuda" else "sdpa"
+    return step.attention
+
+
+def attention_note(asked: Step, result) -> str:
+    """One line saying which attention kernel a prediction assumed, and why."""
+    resolved = resolve_attention(asked, result)
+    name = result.family if not result.generic else result.hf_class
+    why = f"transformers' default for {name}" if asked.attention == "auto" else "as asked"
+    other = NOT_TRANSFORMERS_DEFAULT.get(result.family)
+    if asked.attention == "auto" and other:
+        why = (f"transformers 5 builds {name} with {other}, which paramcalc does not model for it yet; "
+               f"build the model with attn_implementation='{resolved.attention}' to match")
+    return f"attention: {resolved.attention} ({why})"
+

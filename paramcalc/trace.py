@@ -7,9 +7,12 @@ state, activations saved by the forward pass, and transient buffers. ``FlopCount
 matmul FLOPs at the same time.
 
 (torch's own ``mem_tracker`` fails when parameters are frozen, as with PEFT; tracking storages works for
-any model.) On this CPU build, ``--attention sdpa|flash`` runs torch's fused CPU kernel; it is only taken
-without attention dropout, so the tracer sets attention dropout to 0 for those runs, as fused GPU
-kernels would not keep a dropout mask either. Its FLOPs are counted with torch's fused-attention formulas.
+any model.) The model is the user's, unchanged, with the attention kernel transformers builds for it
+(``--attention auto``) or the one asked for; on this CPU build ``flash`` means torch's sdpa. What sdpa
+then runs is torch's choice, as in a real step: its fused CPU kernel without attention dropout (its FLOPs
+counted with torch's fused-attention formulas), its math path with dropout.
+
+A model without a family file is traced the same way, built by its transformers class.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ import weakref
 from dataclasses import dataclass, field
 
 from .errors import ParamcalcError
-from .step import Step, check_fits_model
+from . import attention
+from .step import Step, attention_note, attn_implementation, check_fits_model, resolve_attention
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "transient")
-ATTENTION_DROPOUT_KEYS = {"bert": ("attention_probs_dropout_prob",), "roberta": ("attention_probs_dropout_prob",),
-                          "gpt2": ("attn_pdrop",)}  # the families with an sdpa path
 
 
 @dataclass
@@ -36,10 +38,11 @@ class TraceReport:
     phase_of_peak: str
     phase_peaks: dict[str, int]  # the live-bytes high-water mark in each phase of the steady step
     notes: list[str] = field(default_factory=list)
+    attention: str = ""  # the kernel the model was built with (eager, sdpa, flash)
 
     def to_dict(self) -> dict:
-        return {"model_class": self.model_class, "peak": self.peak, "at_peak": self.at_peak,
-                "after_step": self.after_step, "flops": self.flops,
+        return {"model_class": self.model_class, "attention": self.attention, "peak": self.peak,
+                "at_peak": self.at_peak, "after_step": self.after_step, "flops": self.flops,
                 "phase_of_peak": self.phase_of_peak, "phase_peaks": self.phase_peaks, "notes": self.notes}
 
 
@@ -110,7 +113,7 @@ def _cpu_fused_attention_formulas():
     return mapping
 
 
-def _inputs(result, step: Step):
+def _inputs(result, step: Step, encoder_decoder: bool):
     import torch
 
     b, s = step.batch, step.seq
@@ -118,7 +121,7 @@ def _inputs(result, step: Step):
     ids = torch.randint(0, vocab, (b, s))
     if result.task == "seq2seq-lm":
         return {"input_ids": ids, "labels": torch.randint(0, vocab, (b, step.target_length()))}
-    if result.task == "base" and result.family == "t5":
+    if result.task == "base" and encoder_decoder:
         return {"input_ids": ids, "decoder_input_ids": torch.randint(0, vocab, (b, step.target_length()))}
     if result.task in ("causal-lm", "masked-lm"):
         return {"input_ids": ids, "labels": ids}
@@ -168,24 +171,23 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
     from .meta import hf_config
     from .verify import apply_real_peft
 
-    if result.generic:
-        raise ParamcalcError("paramcalc trace needs a model with a formula file (bert, roberta, t5, gpt2, bloom)")
+    if result.generic and not hasattr(transformers, result.hf_class):
+        raise ParamcalcError(f"{result.model} is a custom module: paramcalc cannot run a training step of it "
+                             "(it does not know its inputs or loss); it counts its parameters only")
     check_fits_model(step, result)
+    notes = [attention_note(step, result)]
+    step = resolve_attention(step, result)
+    if not result.generic:
+        notes += filter(None, [attention.runs_note(step, result, "cpu")])
     if any(method == "adapter" for method, _ in result.peft_options):
         raise ParamcalcError("paramcalc trace cannot run bottleneck adapters: AdapterHub cannot be installed beside "
                              "transformers 5, and adapter modules injected by hand do not take part in the forward")
-    notes = []
-    config = dict(result.config)
-    if step.attention != "eager":
-        for key in ATTENTION_DROPOUT_KEYS.get(result.family, ()):
-            config[key] = 0.0
-        notes.append("attention dropout set to 0 so the fused attention kernel runs (as on a GPU)")
-    hf = hf_config(config)
-    if result.family == "t5" and getattr(hf, "decoder_start_token_id", None) is None:
+    hf = hf_config(result.config)
+    if getattr(hf, "is_encoder_decoder", False) and getattr(hf, "decoder_start_token_id", None) is None:
         hf.decoder_start_token_id = hf.pad_token_id or 0  # needed to shift labels into decoder inputs
     if result.task == "seq-cls" and getattr(hf, "pad_token_id", None) is None:
         hf.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding; any id does on fake data
-    hf._attn_implementation = "eager" if step.attention == "eager" else "sdpa"
+    hf._attn_implementation = attn_implementation(step, "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[step.dtype]
     tracker = _live_storage_tracker()
     default_dtype = torch.get_default_dtype()
@@ -208,7 +210,8 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
         parameters = [p for p in model.parameters()]
         trainable = [p for p in parameters if p.requires_grad]
         optimizer = _optimizer(step, trainable)
-        inputs, second_inputs = _inputs(result, step), _inputs(result, step)
+        encoder_decoder = bool(getattr(hf, "is_encoder_decoder", False))
+        inputs, second_inputs = (_inputs(result, step, encoder_decoder) for _ in range(2))
         for tensor in [*parameters, *model.buffers()]:
             tracker.track(tensor, "parameters")
         counter = FlopCounterMode(display=False, custom_mapping=_cpu_fused_attention_formulas())
@@ -232,7 +235,7 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
         after_step = _categorise(list(tracker.live.values()), grads, states)
     at_peak = _categorise(tracker.snapshot, grads, states)
     return TraceReport(type(model).__name__, tracker.peak, at_peak, after_step, flops, tracker.peak_phase,
-                       dict(tracker.phase_peaks), notes)
+                       dict(tracker.phase_peaks), notes, step.attention)
 
 
 def _one_step(model, inputs, optimizer, autocast, tracker, result, flops=None, counter=None) -> None:

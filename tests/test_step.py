@@ -13,7 +13,7 @@ import paramcalc
 from paramcalc import families
 from paramcalc.flops import step_flops
 from paramcalc.memory import model_states
-from paramcalc.step import Step
+from paramcalc.step import Step, attention_note, attn_implementation, resolve_attention
 from paramcalc.trace import trace_step
 
 EXAMPLES = int(os.environ.get("PARAMCALC_EXAMPLES", "200")) // 10  # 20 traced steps per family by default
@@ -162,3 +162,64 @@ def test_trace_command(cli):
 ])
 def test_trace_bad_input(cli, refused, args, message):
     refused(cli("trace", *args), message)
+
+
+def _family_results():
+    return {family: paramcalc.count(SMALL[family], task="base", formulas=False) for family in SMALL}
+
+
+def test_auto_attention_is_what_transformers_builds():
+    """The family files' default kernel (torch-free) against transformers' own choice, on the meta device."""
+    import torch
+    import transformers
+
+    from paramcalc.meta import hf_config
+    from paramcalc.step import NOT_TRANSFORMERS_DEFAULT, default_attention
+
+    for family, result in _family_results().items():
+        with torch.device("meta"):
+            model = getattr(transformers, result.hf_class)(hf_config(result.config))
+        built = model.config._attn_implementation
+        assert built == NOT_TRANSFORMERS_DEFAULT.get(family, default_attention(result)), family
+        if family in NOT_TRANSFORMERS_DEFAULT:  # a kernel the family file does not model: auto says so
+            note = attention_note(Step(), result)
+            assert f"builds {family} with {built}" in note and default_attention(result) == "eager"
+
+
+def test_resolve_attention_and_the_kernel_to_build():
+    results = _family_results()
+    assert resolve_attention(Step(), results["bert"]).attention == "sdpa"
+    assert resolve_attention(Step(), results["bloom"]).attention == "eager"
+    assert resolve_attention(Step(attention="eager"), results["gpt2"]).attention == "eager"  # as asked
+    assert attention_note(Step(), results["bert"]) == "attention: sdpa (transformers' default for bert)"
+    assert attention_note(Step(attention="eager"), results["bert"]) == "attention: eager (as asked)"
+    assert attn_implementation(Step(attention="flash"), "cuda") == "flash_attention_2"
+    assert attn_implementation(Step(attention="flash"), "cpu") == "sdpa"
+    with pytest.raises(paramcalc.ParamcalcError, match="resolve --attention auto first"):
+        attn_implementation(Step())
+
+
+def test_sdpa_with_attention_dropout_counts_the_math_path_on_a_cpu():
+    # with dropout, a CPU runs sdpa as two bmm (eager's FLOPs); CUDA's fused kernel recomputes the scores
+    # in backward: 5 matmuls of 2*b*h*s*s*d, against eager's 4 when q, k and v all need gradients
+    result = paramcalc.count(SMALL["bert"], task="seq-cls", formulas=False)
+    step = Step(batch=2, seq=16, attention="sdpa")
+    eager = step_flops(result, Step(batch=2, seq=16, attention="eager"))
+    cpu, cuda = step_flops(result, step), step_flops(result, step, device="cuda")
+    one = 2 * 2 * 4 * 16 * 16 * 8  # b=2, 4 heads, s=16, head dim 32/4
+    assert (cpu.forward, cpu.backward) == (eager.forward, eager.backward)
+    assert cuda.backward - cpu.backward == 2 * (5 - 4) * one  # two layers
+    traced = trace_step(result, step, steady=False)
+    assert (traced.flops["forward"], traced.flops["backward"]) == (cpu.forward, cpu.backward)
+    assert traced.attention == "sdpa" and "math path" in " ".join(traced.notes)
+
+
+def test_trace_keeps_the_models_attention_dropout():
+    """trace never changes the user's model: in fp32, sdpa with attention dropout costs what eager attention
+    costs (the math path keeps the probabilities and the dropout mask too), more than sdpa without dropout."""
+    config = {**SMALL["bert"], "num_hidden_layers": 1}
+    result = paramcalc.count(config, task="seq-cls", formulas=False)
+    no_dropout = paramcalc.count({**config, "attention_probs_dropout_prob": 0.0}, task="seq-cls", formulas=False)
+    step = Step(batch=2, seq=16, attention="sdpa")
+    sdpa, eager = trace_step(result, step), trace_step(result, Step(batch=2, seq=16, attention="eager"))
+    assert sdpa.peak == eager.peak > trace_step(no_dropout, step).peak

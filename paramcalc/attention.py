@@ -1,0 +1,206 @@
+"""The attention core of a training step: which kernel really runs, and what it keeps for backward.
+
+``Step.attention`` names what the model is built with (``eager``, ``sdpa``, ``flash``; ``auto`` is resolved
+to transformers' default by ``paramcalc.step.resolve_attention``). What then runs depends on the device:
+
+- **eager** (transformers' own attention in Python) keeps contiguous copies of q, k and v, the softmax
+  output and, with dropout, the mask and the dropped probabilities (all ``b*heads*q*k``);
+- **fused**: torch's flash and memory-efficient kernels keep q, k, v, the output and a log-sum-exp per row,
+  never the ``q*k`` scores (Dao et al. 2022, arXiv:2205.14135). On CUDA they apply dropout themselves
+  (from a seed: no mask is kept); on a CPU they run only without dropout;
+- **math**: on a CPU, ``scaled_dot_product_attention`` with dropout (a training step of a model whose
+  attention dropout is not 0) falls back to torch's math path. Measured with torch 2.13 (allocator events
+  and saved-tensor hooks): it upcasts half-precision q, k, v to fp32, multiplies q and k^T by
+  ``sqrt(scale)``, copies what ``bmm`` cannot view (the transposed q and k; a contiguous k or v, as GPT-2's
+  key/value cache makes them, is used as it is), adds the mask to the scores when there is one (a causal
+  model's, out of place), and keeps for backward, all in fp32: the q, k and v operands, the softmax output,
+  the dropout noise (a full fp32 tensor) and the dropped probabilities. It returns the output and the
+  probabilities cast back to the input's dtype. Its backward holds the ``b*heads*q*k`` gradients of the
+  dropped and of the plain probabilities at once.
+
+FLOPs follow the same decision: the math path is two ``bmm`` like eager attention; torch counts the fused
+kernels' backward as five matmuls (they recompute the scores).
+
+Torch-free: the analytic path.
+"""
+
+from __future__ import annotations
+
+from . import expr
+
+
+def dropout_of(core: dict, config: dict) -> float:
+    """The attention dropout probability the model applies in training."""
+    return float(config.get(core.get("dropout", ""), 0.0) or 0.0)
+
+
+def kernel(step, core: dict, config: dict, device: str) -> str:
+    """What runs for one attention core: eager, math (torch's sdpa fallback) or fused."""
+    if step.attention == "eager":
+        return "eager"
+    if step.attention == "auto":
+        raise ValueError("resolve --attention auto first (paramcalc.step.resolve_attention)")
+    if device == "cpu" and dropout_of(core, config) > 0:
+        return "math"  # torch's CPU flash kernel takes no dropout
+    return "fused"
+
+
+def runs_note(step, result, device: str) -> str | None:
+    """A line for reports when sdpa does not run fused: on a CPU with attention dropout, the math path."""
+    from .families import families
+
+    if result.generic or step.attention == "eager":
+        return None
+    cores = families()[result.family].attention
+    math = [core for core in cores if kernel(step, core, result.config, device) == "math"]
+    if not math:
+        return None
+    p = dropout_of(math[0], result.config)
+    return (f"with attention dropout ({math[0]['dropout']} = {p:g}) torch runs sdpa on a CPU by its math path, "
+            "which keeps the b*heads*s*s probabilities and dropout mask (in fp32), as eager attention does")
+
+
+def shapes(core: dict, values: dict) -> tuple[int, int, int, int, int]:
+    """(batch, heads, head_dim, q_len, k_len) of one attention core."""
+    return (values["b"], expr.evaluate(core["heads"], values), expr.evaluate(core["head_dim"], values),
+            expr.evaluate(core["q_len"], values), expr.evaluate(core["k_len"], values))
+
+
+def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_output: list[int]):
+    """Allocate and save what the attention core does, in the activations ledger; return its output.
+
+    ``new(elements, width, grad)`` allocates a value, ``save(value)`` keeps it for backward, ``dropout``
+    replays ``nn.functional.dropout``; values are dropped from ``ledger`` when Python would free them,
+    or added to ``until_output`` when the model's output holds them (its key/value cache).
+    ``record.scratch`` gets what the core's backward holds before it returns the inputs' gradients.
+    """
+    b, heads, dim, q_len, k_len = shapes(core, ctx.values)
+    q, k, v = inputs
+    grad = q.grad or k.grad or v.grad
+    runs = kernel(ctx.step, core, ctx.config, ctx.device)
+    if runs == "eager":
+        return _eager(core, b, heads, dim, q_len, k_len, inputs, grad, ledger, ctx, new, save, dropout)
+    cached = []
+    if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
+        # the model's key/value cache (on unless checkpointing turns it off) concatenates k and v into new,
+        # contiguous tensors, and the kernel reads those
+        k, v = cached = [new(b * k_len * heads * dim, ctx.compute, value.grad) for value in (k, v)]
+    if runs == "fused":
+        out = _fused(b, heads, dim, q_len, (q, k, v), grad, ledger, ctx, new, save)
+    else:
+        out = _math(core, b, heads, dim, q_len, k_len, (q, k, v), bool(cached), ledger, new, save)
+        record.scratch = 2 * b * heads * q_len * k_len * 4 if grad else 0
+    until_output += [value.tid for value in cached]  # the cache lives in the model's output
+    context = new(b * q_len * heads * dim, out.width, grad)  # heads merged back, [b, q, h*d]: a copy
+    ledger.drop(out.tid)
+    return context
+
+
+def _fused(b, heads, dim, q_len, operands, grad, ledger, ctx, new, save):
+    out = new(b * q_len * heads * dim, ctx.compute, grad)
+    if grad:
+        for value in (*operands, out):
+            save(value)
+        lse = new(b * heads * q_len, 4, False)  # the log-sum-exp of each row, in fp32
+        save(lse)
+        ledger.drop(lse.tid)
+    return out
+
+
+def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, new, save):
+    """torch's ``_scaled_dot_product_attention_math`` on a CPU, with dropout, step by step."""
+    q, k, v = operands  # (GPT-2's are views of one fused projection: sizes come from the core's shape)
+    width = q.width
+    q_size, kv_size = b * heads * q_len * dim, b * heads * k_len * dim
+    held = []  # locals of the math function: freed when it returns
+    if width != 4:  # half precision is computed in fp32 on a CPU
+        q, k, v = [new(size, 4, value.grad) for value, size in ((q, q_size), (k, kv_size), (v, kv_size))]
+        held += [q, k, v]
+    scaled_q = new(q_size, 4, q.grad)  # q * sqrt(scale), alive until the function returns
+    held.append(scaled_q)
+    scaled_k = new(kv_size, 4, k.grad)  # k^T * sqrt(scale)
+    q_operand = new(q_size, 4, q.grad)  # bmm copies the transposed q
+    k_operand = scaled_k if contiguous_kv else new(kv_size, 4, k.grad)
+    if k.grad:
+        save(q_operand)
+    if q.grad:
+        save(k_operand)
+    scores = b * heads * q_len * k_len
+    qk_grad = q.grad or k.grad
+    logits = new(scores, 4, qk_grad)
+    for value in {id(x): x for x in (q_operand, k_operand, scaled_k)}.values():
+        ledger.drop(value.tid)
+    if core.get("fp32_mask", False):  # the model passes a mask (GPT-2: causal), added out of place
+        masked = new(scores, 4, qk_grad)
+        ledger.drop(logits.tid)
+        logits = masked
+    probs = new(scores, 4, qk_grad)
+    ledger.drop(logits.tid)
+    noise = new(scores, 4, False)  # bernoulli_ then div_(1 - p): the mask, as a full fp32 tensor
+    dropped = new(scores, 4, qk_grad)
+    if qk_grad:
+        save(probs)
+        save(noise)
+    ledger.drop(probs.tid)
+    ledger.drop(noise.tid)
+    if width != 4:  # the probabilities it also returns, cast back (the model drops them at once)
+        held.append(new(scores, width, False))
+    v_operand = v if contiguous_kv else new(kv_size, 4, v.grad)
+    if qk_grad:
+        save(v_operand)
+    if v.grad:
+        save(dropped)
+    if v_operand is not v:
+        ledger.drop(v_operand.tid)
+    ledger.drop(dropped.tid)
+    out = new(q_size, 4, q.grad or k.grad or v.grad)
+    if width != 4:
+        cast = new(q_size, width, out.grad)
+        ledger.drop(out.tid)
+        out = cast
+    for value in held:
+        ledger.drop(value.tid)
+    return out
+
+
+def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, save, dropout):
+    q, k, v = operands
+    width = ctx.compute
+    copies = [new(b * length * heads * dim, width, value.grad) for value, length in ((q, q_len), (k, k_len), (v, k_len))]
+    qc, kc, vc = copies
+    if kc.grad:
+        save(qc)
+    if qc.grad:
+        save(kc)
+    scores = b * heads * q_len * k_len
+    logits = new(scores, width, grad)  # q @ k^T (scaled, masked): alive while the softmax is computed
+    # The softmax runs in fp32 when the model asks for it (BLOOM), when an fp32 mask or position bias is
+    # added to half-precision scores (type promotion), and always under CUDA autocast (softmax is on its
+    # fp32 list; CPU autocast leaves it in the input's dtype).
+    fp32_softmax = core.get("softmax_fp32", False) or (
+        ctx.autocast and (ctx.device != "cpu" or core.get("fp32_mask", False)))
+    if fp32_softmax and width != 4:
+        upcast = new(scores, 4, grad)
+        ledger.drop(logits.tid)
+        logits = upcast
+    probs = new(scores, 4 if fp32_softmax else width, grad)
+    ledger.drop(logits.tid)
+    if grad:
+        save(probs)
+    if probs.width != width and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(input_dtype)
+        cast = new(scores, width, grad)
+        ledger.drop(probs.tid)
+        probs = cast
+    dropped = dropout(probs, dropout_of(core, ctx.config))
+    ledger.drop(probs.tid)
+    if dropped.width != width:  # the matmul with v casts the probabilities to half precision itself
+        cast = new(scores, width, dropped.grad)
+        ledger.drop(dropped.tid)
+        dropped = cast
+    if vc.grad:
+        save(dropped)
+    if dropped.grad:
+        save(vc)
+    for value in (*copies, dropped):
+        ledger.drop(value.tid)
+    return new(b * q_len * heads * dim, width, grad)  # heads merged back: a contiguous copy

@@ -26,17 +26,17 @@ Torch-free: this is the analytic path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import attention
 from .errors import ParamcalcError
 from .families import concrete_parameters, families
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
 from .memory import DTYPE_BYTES, model_states
+from .ledger import CATEGORIES, Ledger as _Ledger, Record as _Record, Timeline, Value, backward as _backward  # noqa: F401
 from .step import Step, check_fits_model, resolve_attention
 
 SCOPE_END = "|"  # in a flow: a Python function returns here, and the values only it still held are freed
-CATEGORIES = ("weights", "gradients", "optimizer", "activations", "transient")
 LM_TASKS = ("masked-lm", "causal-lm", "seq2seq-lm")
 # What each activation function keeps for backward, in tensors the size of its input (written out in
 # Python, GPT-2's tanh GELU keeps x, tanh(...), 0.5*x and 1 + tanh(...)).
@@ -51,90 +51,12 @@ T5_ACTIVATION = {"relu": "relu", "gated-gelu": "gelu_new", "gelu": "gelu", "gate
 
 
 @dataclass
-class Value:
-    """One tensor flowing between ops."""
-
-    tid: int
-    elements: int
-    width: int  # bytes per element
-    grad: bool  # it needs a gradient (something before it trains)
-
-    @property
-    def bytes(self) -> int:
-        return self.elements * self.width
-
-
-@dataclass
-class _Record:
-    """What backward needs to know about one forward op."""
-
-    inputs: list[Value]
-    output: Value | None
-    saved: list[int]  # tensor ids held for backward
-    saved_sizes: list[tuple[int, str]]  # (bytes, category) to re-create them when a checkpointed layer re-runs
-    weight_grads: list[tuple[str, int]]  # (parameter tensor name, gradient bytes)
-    scratch: int = 0  # bytes of temporaries its backward holds before it returns the input's gradient
-    leaf: bool = False  # its output is a leaf made to need a gradient: the gradient stays as its .grad
-    op: str = ""  # the flow op it ran, and the streams nothing reads after it (to re-run checkpointed layers)
-    dead: tuple[str, ...] = ()
-
-
-@dataclass
 class _Checkpointed:
     """A checkpointed layer: the streams it was called with, kept; its ops, re-run in backward."""
 
     layer: int
     arguments: dict[str, Value]
     records: list[_Record]
-
-
-@dataclass
-class Timeline:
-    """Peak bytes, when it happens, and what was alive then."""
-
-    peak: int = 0
-    phase_of_peak: str = ""
-    at_peak: dict[str, int] = field(default_factory=dict)
-    phase_peaks: dict[str, int] = field(default_factory=dict)
-
-
-class _Ledger:
-    """Reference-counted allocations by category, with the running peak."""
-
-    def __init__(self):
-        self.size: dict[int, tuple[int, str]] = {}
-        self.refs: dict[int, int] = {}
-        self.totals = dict.fromkeys(CATEGORIES, 0)
-        self.current = 0
-        self.phase = "forward"
-        self.timeline = Timeline()
-        self._next = 0
-
-    def new(self, nbytes: int, category: str) -> int:
-        if category == "activations" and self.phase != "forward":  # a checkpointed layer's re-run
-            category = "transient"
-        self._next += 1
-        tid = self._next
-        self.size[tid], self.refs[tid] = (nbytes, category), 1
-        self.totals[category] += nbytes
-        self.current += nbytes
-        timeline = self.timeline
-        timeline.phase_peaks[self.phase] = max(timeline.phase_peaks.get(self.phase, 0), self.current)
-        if self.current > timeline.peak:
-            timeline.peak, timeline.phase_of_peak, timeline.at_peak = self.current, self.phase, dict(self.totals)
-        return tid
-
-    def hold(self, tid: int) -> int:
-        self.refs[tid] += 1
-        return tid
-
-    def drop(self, tid: int) -> None:
-        self.refs[tid] -= 1
-        if self.refs[tid] == 0:
-            nbytes, category = self.size.pop(tid)
-            del self.refs[tid]
-            self.totals[category] -= nbytes
-            self.current -= nbytes
 
 
 @dataclass
@@ -236,9 +158,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
             layer = []
             for op in ops:  # checkpointing stores nothing for backward: each saved tensor is let go at once
                 record = run(op, written)
-                for tid in record.saved:
-                    ledger.drop(tid)
-                record.saved = []
+                record.release(ledger)
                 layer.append(record)
             end_of_layer()
             used = {i.tid for record in layer for i in record.inputs}  # the layer keeps only its inputs
@@ -390,7 +310,7 @@ def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context,
     elif name.startswith("attention core"):
         core = ctx.family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
         out = attention.replay(core, inputs, ledger, ctx, new, save,
-                               lambda x, p: _dropout(x, p, ledger, ctx, save), record, cache)
+                               lambda x, p, keep: _dropout(x, p, ledger, ctx, keep), record, cache)
     else:
         module = ctx.modules.get(name.removesuffix(" [tied]"))
         if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5):
@@ -588,34 +508,3 @@ def _loss(result, streams, ledger, ctx: _Context, last_target: str) -> list[_Rec
     loss = Value(ledger.new(4, "activations"), 1, 4, True)
     return [_Record(outputs, loss, [ledger.hold(v.tid) for v in outputs], [(v.bytes, "activations") for v in outputs],
                     [])]
-
-
-def _backward(record: _Record, ledger: _Ledger, grad_of: dict[int, int], allocated: dict[str, int | None],
-              uses: dict[str, int]) -> None:
-    out = record.output
-    if out is not None and out.tid in grad_of:
-        if record.scratch:
-            ledger.drop(ledger.new(record.scratch, "transient"))
-        for value in record.inputs:
-            if value.grad and value.tid not in grad_of:
-                grad_of[value.tid] = ledger.new(value.bytes, "transient")
-        for name, nbytes in record.weight_grads:
-            if name not in allocated:
-                # a weight used twice (tied) waits in autograd's input buffer for its second gradient
-                kind = "transient" if uses.get(name, 1) > 1 else "gradients"
-                allocated[name] = ledger.new(nbytes, kind) if kind == "transient" else None
-                if kind == "gradients":
-                    ledger.new(nbytes, kind)
-            elif allocated[name] is not None:  # the second gradient, summed out of place into .grad
-                second = ledger.new(nbytes, "transient")
-                ledger.new(nbytes, "gradients")
-                ledger.drop(second)
-                ledger.drop(allocated[name])
-                allocated[name] = None
-        if record.leaf:  # accumulated into the leaf's .grad, freed with the graph when backward ends
-            grad_of[-out.tid] = grad_of.pop(out.tid)
-        else:
-            ledger.drop(grad_of.pop(out.tid))
-    for tid in record.saved:
-        ledger.drop(tid)
-    record.saved = []

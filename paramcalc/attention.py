@@ -15,8 +15,12 @@ to transformers' default by ``paramcalc.step.resolve_attention``). What then run
   key/value cache makes them, is used as it is), adds the mask to the scores when there is one (a causal
   model's, out of place), and keeps for backward, all in fp32: the q, k and v operands, the softmax output,
   the dropout noise (a full fp32 tensor) and the dropped probabilities. It returns the output and the
-  probabilities cast back to the input's dtype. Its backward holds the ``b*heads*q*k`` gradients of the
-  dropped and of the plain probabilities at once.
+  probabilities cast back to the input's dtype.
+
+Eager attention and the math path are several autograd nodes (matmuls, softmax, dropout, casts), replayed
+as stages of one record: backward runs them in reverse, each allocating its inputs' gradients (a
+``b*heads*q*k`` one for the probabilities) while its own output's gradient and saved tensors are alive,
+then freeing both. At long sequences, where these tensors dominate, the peak is there.
 
 FLOPs follow the same decision: the math path is two ``bmm`` like eager attention; torch counts the fused
 kernels' backward as five matmuls (they recompute the scores).
@@ -27,6 +31,7 @@ Torch-free: the analytic path.
 from __future__ import annotations
 
 from . import expr
+from .ledger import Record
 
 
 def dropout_of(core: dict, config: dict) -> float:
@@ -71,27 +76,32 @@ def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_ou
 
     ``new(elements, width, grad)`` allocates a value, ``save(value)`` keeps it for backward, ``dropout``
     replays ``nn.functional.dropout``; values are dropped from ``ledger`` when Python would free them,
-    or added to ``until_output`` when the model's output holds them (its key/value cache).
-    ``record.scratch`` gets what the core's backward holds before it returns the inputs' gradients.
+    or added to ``until_output`` when the model's output holds them (its key/value cache). Eager attention
+    and the math path add their ops to ``record.stages``; the fused kernel is one op, saving into ``record``.
     """
     b, heads, dim, q_len, k_len = shapes(core, ctx.values)
     q, k, v = inputs
     grad = q.grad or k.grad or v.grad
     runs = kernel(ctx.step, core, ctx.config, ctx.device)
     if runs == "eager":
-        return _eager(core, b, heads, dim, q_len, k_len, inputs, grad, ledger, ctx, new, save, dropout)
+        return _eager(core, b, heads, dim, q_len, k_len, inputs, grad, ledger, ctx, new, dropout, record)
     cached = []
     if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
         # the model's key/value cache (on unless checkpointing turns it off) concatenates k and v into new,
         # contiguous tensors, and the kernel reads those
-        k, v = cached = [new(b * k_len * heads * dim, ctx.compute, value.grad) for value in (k, v)]
+        cached = [new(b * k_len * heads * dim, ctx.compute, value.grad) for value in (k, v)]
     if runs == "fused":
-        out = _fused(b, heads, dim, q_len, (q, k, v), grad, ledger, ctx, new, save)
+        out = _fused(b, heads, dim, q_len, (q, *cached) if cached else inputs, grad, ledger, ctx, new, save)
     else:
-        out = _math(core, b, heads, dim, q_len, k_len, (q, k, v), bool(cached), ledger, new, save)
-        record.scratch = 2 * b * heads * q_len * k_len * 4 if grad else 0
+        if cached:  # (cat's backward hands each input its slice of the gradient)
+            for value, copy in zip((k, v), cached):
+                _stage(record, [value], copy, ledger)
+        out = _math(core, b, heads, dim, q_len, k_len, (q, *cached) if cached else inputs, bool(cached), ledger,
+                    new, record)
     until_output += [value.tid for value in cached]  # the cache lives in the model's output
     context = new(b * q_len * heads * dim, out.width, grad)  # heads merged back, [b, q, h*d]: a copy
+    if record.stages:
+        _stage(record, [out], context, ledger)
     ledger.drop(out.tid)
     return context
 
@@ -107,55 +117,59 @@ def _fused(b, heads, dim, q_len, operands, grad, ledger, ctx, new, save):
     return out
 
 
-def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, new, save):
-    """torch's ``_scaled_dot_product_attention_math`` on a CPU, with dropout, step by step."""
+def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, new, record):
+    """torch's ``_scaled_dot_product_attention_math`` on a CPU, with dropout, op by op. Each op is an autograd
+    node of its own (a stage of ``record``): backward frees what one saved as soon as it has run."""
     q, k, v = operands  # (GPT-2's are views of one fused projection: sizes come from the core's shape)
     width = q.width
     q_size, kv_size = b * heads * q_len * dim, b * heads * k_len * dim
+    half = 4 if width != 4 else 0  # its backward casts fp32 gradients back: one more fp32 copy alive
     held = []  # locals of the math function: freed when it returns
-    if width != 4:  # half precision is computed in fp32 on a CPU
-        q, k, v = [new(size, 4, value.grad) for value, size in ((q, q_size), (k, kv_size), (v, kv_size))]
-        held += [q, k, v]
+    v32 = v
+    if half:  # half precision is computed in fp32 on a CPU (a copy keeps the layout: contiguous stays so)
+        held += [new(size, 4, value.grad) for value, size in ((q, q_size), (k, kv_size), (v, kv_size))]
+        v32 = held[-1]
     scaled_q = new(q_size, 4, q.grad)  # q * sqrt(scale), alive until the function returns
     held.append(scaled_q)
     scaled_k = new(kv_size, 4, k.grad)  # k^T * sqrt(scale)
     q_operand = new(q_size, 4, q.grad)  # bmm copies the transposed q
     k_operand = scaled_k if contiguous_kv else new(kv_size, 4, k.grad)
-    if k.grad:
-        save(q_operand)
-    if q.grad:
-        save(k_operand)
+    _stage(record, [q], q_operand, ledger, scratch=half * q_size)
+    _stage(record, [k], k_operand, ledger, scratch=half * kv_size)
     scores = b * heads * q_len * k_len
     qk_grad = q.grad or k.grad
+    # scores = q @ k^T: bmm saves each operand for the other's gradient
+    product = _stage(record, [q_operand, k_operand], None, ledger,
+                     saves=[q_operand] * bool(k.grad) + [k_operand] * bool(q.grad))
     logits = new(scores, 4, qk_grad)
     for value in {id(x): x for x in (q_operand, k_operand, scaled_k)}.values():
         ledger.drop(value.tid)
     if core.get("fp32_mask", False):  # the model passes a mask (GPT-2: causal), added out of place
-        masked = new(scores, 4, qk_grad)
+        masked = new(scores, 4, qk_grad)  # (its backward passes the gradient on as it is)
         ledger.drop(logits.tid)
         logits = masked
+    product.output = logits
     probs = new(scores, 4, qk_grad)
     ledger.drop(logits.tid)
+    _stage(record, [logits], probs, ledger, saves=[probs] * bool(qk_grad))  # softmax saves its output
     noise = new(scores, 4, False)  # bernoulli_ then div_(1 - p): the mask, as a full fp32 tensor
     dropped = new(scores, 4, qk_grad)
-    if qk_grad:
-        save(probs)
-        save(noise)
+    _stage(record, [probs], dropped, ledger, saves=[noise] * bool(qk_grad))
     ledger.drop(probs.tid)
     ledger.drop(noise.tid)
-    if width != 4:  # the probabilities it also returns, cast back (the model drops them at once)
+    if half:  # the probabilities it also returns, cast back (the model drops them at once)
         held.append(new(scores, width, False))
-    v_operand = v if contiguous_kv else new(kv_size, 4, v.grad)
-    if qk_grad:
-        save(v_operand)
-    if v.grad:
-        save(dropped)
+    v_operand = v32 if contiguous_kv else new(kv_size, 4, v.grad)  # bmm copies a transposed v
     if v_operand is not v:
+        _stage(record, [v], v_operand, ledger, scratch=half * kv_size)
+    out = new(q_size, 4, q.grad or k.grad or v.grad)
+    _stage(record, [dropped, v_operand], out, ledger, saves=[dropped] * bool(v.grad) + [v_operand] * bool(qk_grad))
+    if v_operand is not v32:
         ledger.drop(v_operand.tid)
     ledger.drop(dropped.tid)
-    out = new(q_size, 4, q.grad or k.grad or v.grad)
-    if width != 4:
+    if half:
         cast = new(q_size, width, out.grad)
+        _stage(record, [out], cast, ledger)
         ledger.drop(out.tid)
         out = cast
     for value in held:
@@ -163,44 +177,61 @@ def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, ne
     return out
 
 
-def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, save, dropout):
-    q, k, v = operands
+def _stage(record, inputs, output, ledger, saves=(), scratch: int = 0) -> Record:
+    """One autograd node of an attention core, appended to its record's stages."""
+    stage = Record(list(inputs), output, [], [], [], scratch=scratch)
+    for value in saves:
+        _keep(stage, value, ledger)
+    record.stages.append(stage)
+    return stage
+
+
+def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, dropout, record):
+    """transformers' eager attention, op by op (each op a stage of ``record``, as in ``_math``)."""
     width = ctx.compute
-    copies = [new(b * length * heads * dim, width, value.grad) for value, length in ((q, q_len), (k, k_len), (v, k_len))]
+    copies = [new(b * length * heads * dim, width, value.grad) for value, length in zip(operands, (q_len, k_len, k_len))]
+    for value, copy in zip(operands, copies):  # matmul copies the transposed q, k and v
+        _stage(record, [value], copy, ledger)
     qc, kc, vc = copies
-    if kc.grad:
-        save(qc)
-    if qc.grad:
-        save(kc)
+    product = _stage(record, [qc, kc], None, ledger, saves=[qc] * bool(kc.grad) + [kc] * bool(qc.grad))
     scores = b * heads * q_len * k_len
     logits = new(scores, width, grad)  # q @ k^T (scaled, masked): alive while the softmax is computed
+    product.output = logits
     # The softmax runs in fp32 when the model asks for it (BLOOM), when an fp32 mask or position bias is
     # added to half-precision scores (type promotion), and always under CUDA autocast (softmax is on its
     # fp32 list; CPU autocast leaves it in the input's dtype).
     fp32_softmax = core.get("softmax_fp32", False) or (
         ctx.autocast and (ctx.device != "cpu" or core.get("fp32_mask", False)))
     if fp32_softmax and width != 4:
-        upcast = new(scores, 4, grad)
-        ledger.drop(logits.tid)
-        logits = upcast
+        logits = _cast(record, logits, 4, ledger, new)
     probs = new(scores, 4 if fp32_softmax else width, grad)
+    _stage(record, [logits], probs, ledger, saves=[probs] * bool(grad))
     ledger.drop(logits.tid)
-    if grad:
-        save(probs)
     if probs.width != width and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(input_dtype)
-        cast = new(scores, width, grad)
-        ledger.drop(probs.tid)
-        probs = cast
-    dropped = dropout(probs, dropout_of(core, ctx.config))
+        probs = _cast(record, probs, width, ledger, new)
+    stage = _stage(record, [probs], None, ledger)
+    dropped = dropout(probs, dropout_of(core, ctx.config), lambda value: _keep(stage, value, ledger))
+    if dropped is probs:  # no dropout: torch returns its input
+        record.stages.remove(stage)
+    stage.output = dropped
     ledger.drop(probs.tid)
     if dropped.width != width:  # the matmul with v casts the probabilities to half precision itself
-        cast = new(scores, width, dropped.grad)
-        ledger.drop(dropped.tid)
-        dropped = cast
-    if vc.grad:
-        save(dropped)
-    if dropped.grad:
-        save(vc)
+        dropped = _cast(record, dropped, width, ledger, new)
+    product = _stage(record, [dropped, vc], None, ledger, saves=[dropped] * bool(vc.grad) + [vc] * bool(dropped.grad))
     for value in (*copies, dropped):
         ledger.drop(value.tid)
-    return new(b * q_len * heads * dim, width, grad)  # heads merged back: a contiguous copy
+    product.output = new(b * q_len * heads * dim, width, grad)  # heads merged back: a contiguous copy
+    return product.output
+
+
+def _cast(record, value, width, ledger, new):
+    """A dtype cast, as a stage: its backward casts the gradient back."""
+    cast = new(value.elements, width, value.grad)
+    _stage(record, [value], cast, ledger)
+    ledger.drop(value.tid)
+    return cast
+
+
+def _keep(stage, value, ledger) -> None:
+    if value.tid not in stage.saved:
+        stage.saved.append(ledger.hold(value.tid))

@@ -60,7 +60,11 @@ class CpuMeter:
 
     @contextlib.contextmanager
     def recording(self):
+        import gc
+
         from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()  # garbage of earlier work freed mid-step would read as negative bytes
 
         self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         with self._profiler:

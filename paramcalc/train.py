@@ -140,16 +140,13 @@ def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[di
     cannot predict this model or method, with the reason among the notes)."""
     from .plan import Parallel, plan
 
-    notes = []
     device, device_mem = _plan_device(options)
     try:
         step_plan = plan(result, step, device, device_mem, Parallel(processes) if processes > 1 else None)
     except ParamcalcError as exc:
         return None, [f"no prediction: {exc}"]
-    from .activations import simulate
-
-    memory = dict(step_plan.memory)
-    memory["phases"] = simulate(result, step, device=step_plan.profile.kind).phase_peaks
+    notes = []
+    memory = {**step_plan.memory, "phases": step_plan.phase_peaks}
     throughput = step_plan.throughput or {}
     if throughput.get("step_s") and options.grad_accum > 1:  # K forward+backward passes, one optimizer step
         compute_s = step_plan.flops["total"] / step_plan.profile.flops_per_s
@@ -161,7 +158,7 @@ def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[di
                      "of earlier micro-batches stay alive through later forwards")
     return {"memory": memory, "throughput": {k: throughput.get(k) for k in ("tokens_per_s", "step_s")},
             "flops": step_plan.flops, "device_memory": step_plan.profile.memory, "fits": step_plan.fits(),
-            "profile": step_plan.profile.name, "phase_of_peak": step_plan.phase_of_peak,
+            "profile": step_plan.profile.name, "phase_of_peak": step_plan.phase_of_peak, "source": step_plan.source,
             "notes": step_plan.notes + ([throughput["why"]] if throughput.get("why") else [])}, notes
 
 
@@ -210,7 +207,6 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
 
     from .step import resolve_attention
 
-    step = resolve_attention(step, result)  # build what the prediction assumes
     check_device(options.device)
     if options.weights is not None:
         check_weights_dir(options.weights)
@@ -218,6 +214,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     batches = make_batches(result, batch=step.batch, seq=step.seq, tgt_seq=step.tgt_seq, data=options.data,
                            tokenizer=options.tokenizer, seed=options.seed)
     predicted, notes = predict(result, step, options, processes)
+    step = resolve_attention(step, result)  # build the kernel the prediction assumed
     report = TrainReport(result.model, result.family, result.task, _options(result, step, options),
                          _device(options, processes), predicted, notes=notes)
     if on_prediction:

@@ -179,9 +179,6 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
     step = resolve_attention(step, result)
     if not result.generic:
         notes += filter(None, [attention.runs_note(step, result, "cpu")])
-    if any(method == "adapter" for method, _ in result.peft_options):
-        raise ParamcalcError("paramcalc trace cannot run bottleneck adapters: AdapterHub cannot be installed beside "
-                             "transformers 5, and adapter modules injected by hand do not take part in the forward")
     hf = hf_config(result.config)
     if getattr(hf, "is_encoder_decoder", False) and getattr(hf, "decoder_start_token_id", None) is None:
         hf.decoder_start_token_id = hf.pad_token_id or 0  # needed to shift labels into decoder inputs

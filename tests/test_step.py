@@ -157,11 +157,26 @@ def test_trace_command(cli):
     (["bloom-560m", "--attention", "sdpa"], "eager attention only"),
     (["gpt2", "--tgt-seq", "8"], "--tgt-seq is for encoder-decoder models"),
     (["gpt2", "--dtype", "bf16", "--mixed-precision", "bf16"], "keeps fp32 master weights"),
-    (["roberta-base", "--adapter", "kind=houlsby"], "cannot run bottleneck adapters"),
     (["t5-small", "--task", "seq-cls", "--set", "num_layers=1"], "fake tensors do not have"),
 ])
 def test_trace_bad_input(cli, refused, args, message):
     refused(cli("trace", *args), message)
+
+
+@pytest.mark.parametrize("family", ["roberta", "t5"])
+def test_trace_runs_bottleneck_adapters(family):
+    """Adapters injected as AdapterHub places them take part in the forward: their matmuls are counted, only
+    they (and heads) train, and the traced model states are the analytic ones."""
+    method = "adapter:kind=pfeiffer,bottleneck=4"
+    plain = paramcalc.count(SMALL[family], task=TASK[family], formulas=False)
+    result = paramcalc.count(SMALL[family], task=TASK[family], peft=method, formulas=False)
+    step = Step(batch=2, seq=8)
+    traced, base = trace_step(result, step, steady=False), trace_step(plain, step, steady=False)
+    # Pfeiffer: one adapter after each FFN, down (H -> 4) and up (4 -> H), 2 FLOPs per multiply-add per token:
+    # RoBERTa 1 layer * 2 * 2*16 tokens*24*4 = 6,144; T5 (2 encoder + 2 decoder layers) 4 * 2 * 2*16*32*4 = 32,768
+    assert traced.flops["forward"] - base.flops["forward"] == {"roberta": 6144, "t5": 32768}[family]
+    states = model_states(result, step)
+    assert (states.gradients, states.optimizer) == (traced.after_step["gradients"], traced.after_step["optimizer"])
 
 
 def _family_results():

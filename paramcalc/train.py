@@ -199,12 +199,9 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     with the same seed gives the model as it started). Raises ``RunFailed`` (out of memory, or a predicted peak above the
     device's memory without ``force``) with the report so far.
     """
-    import torch
-
     from .data import make_batches
     from .measure import StepTimer, is_out_of_memory, meter_for, resident_bytes
     from .runtime import check_weights_dir, make_optimizer
-
     from .step import resolve_attention
 
     check_device(options.device)
@@ -222,11 +219,12 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     if predicted and predicted["fits"] is False and not options.force:
         raise RunFailed(f"the predicted peak {predicted['memory']['peak']:,} B exceeds the device's "
                         f"{predicted['device_memory']:,} B; not starting (--force runs it anyway)", report)
-    meter, timer, losses, index = meter_for(options.device), StepTimer(options.device), [], 0
+    meter, timer, losses, index = meter_for(options.device), StepTimer(options.device), [], -1
     try:
         with meter.recording():
             model, optimizer, accelerator = _prepare(result, step, options, make_optimizer, batches)
             meter.mark("loaded")  # the model states before the first step: weights, buffers, DDP buckets
+            index = 0
             report.measured["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             for index in range(options.warmup + 1):
                 measured = index == options.warmup
@@ -247,8 +245,9 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
+        where = f"step {index + 1}" if index >= 0 else "building the model"
         report.measured.update({"failed": "out of memory", "failed_at_step": index + 1, "loss": losses})
-        raise RunFailed(f"out of memory at step {index + 1}: {str(exc).splitlines()[0][:200]}", report) from None
+        raise RunFailed(f"out of memory at {where}: {str(exc).splitlines()[0][:200]}", report) from None
     finally:
         _release_accelerator()
     seconds = timer.seconds or under_profiler
@@ -275,6 +274,10 @@ def _prepare(result, step, options: TrainOptions, make_optimizer, batches):
 
     from .runtime import build_model
 
+    if options.kind == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        import torch
+
+        torch.cuda.set_device(int(options.device.partition(":")[2] or 0))  # accelerate places on the current GPU
     try:
         accelerator = Accelerator(cpu=options.kind == "cpu", mixed_precision=step.mixed_precision or "no",
                                   gradient_accumulation_steps=options.grad_accum)

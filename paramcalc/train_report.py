@@ -81,7 +81,8 @@ def comparison_table(report):
         lines.append(Text(f"parameters with requires_grad: {report.measured['trainable_params']:,}"))
     verdict = report.verdict()
     if "failed" in report.measured:
-        verdict = f"{report.measured['failed']} at step {report.measured['failed_at_step']}"
+        at = report.measured["failed_at_step"]
+        verdict = f"{report.measured['failed']} " + (f"at step {at}" if at else "while building the model")
     style = "green" if verdict == "within tolerance" else "red" if "OUTSIDE" in verdict or "failed" in report.measured else "yellow"
     lines.append(Text(f"verdict: {verdict} (peak tolerance ±{report.tolerance:.0%}; step time is predicted as a lower "
                       "bound: matmul FLOPs and optimizer traffic only)", style=style))

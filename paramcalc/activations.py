@@ -26,13 +26,13 @@ Torch-free: this is the analytic path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import attention
+from . import attention, quant
 from .errors import ParamcalcError
 from .families import concrete_parameters, families
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
-from .memory import DTYPE_BYTES, model_states
+from .memory import DTYPE_BYTES, model_states, weights_dtype
 from .ledger import CATEGORIES, Ledger as _Ledger, Record as _Record, Timeline, Value, backward as _backward  # noqa: F401
 from .step import Step, check_fits_model, resolve_attention
 
@@ -74,6 +74,8 @@ class _Context:
     grads: dict[str, list[list[tuple[str, int]]]]  # row name -> per layer, its trainable tensors' gradients
     tied_to: dict[str, str]  # a tied row -> the row that owns the weight
     layer: int = 0  # the layer the replay is in
+    quant: object = None  # --quant options, and the quantized rows (-> whether their bias trains)
+    quantized: dict = field(default_factory=dict)
 
 
 def simulate(result, step: Step, device: str = "cpu") -> Timeline:
@@ -89,12 +91,19 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
         if method in ("prompt", "ptuning"):  # soft prompts are prepended to the tokens
             values["s"] += options.tokens
     states = model_states(result, step)
+    dtype = weights_dtype(result, step)  # under --quant, the dtype the unquantized weights were loaded in
     ctx = _Context(step, values, result.config, _modules(result, family, values), family,
-                   compute=DTYPE_BYTES[step.mixed_precision or step.dtype], master=DTYPE_BYTES[step.dtype],
+                   compute=DTYPE_BYTES[step.mixed_precision or dtype], master=DTYPE_BYTES[dtype],
                    autocast=bool(step.mixed_precision), device=device,
                    lora_dropout=next((o.dropout for m, o in result.peft_options if m == "lora"), 0.0),
                    grads=_gradients_by_row(result, step),
                    tied_to={c.name: c.tied_to for c in result.components if c.tied_to})
+    if result.quant:
+        ctx.quant = result.quant.options
+        ctx.quantized = {_base_name(name): False for name in result.quant.quantized}
+        for c in result.components:
+            if c.trainable and c.group != "peft" and "bias" in c.shapes and _base_name(c.name) in ctx.quantized:
+                ctx.quantized[_base_name(c.name)] = True
     ledger = _Ledger()
     ledger.new(states.weights, "weights")
     ledger.new(states.optimizer, "optimizer")
@@ -245,7 +254,7 @@ def _recompute(item: _Checkpointed, ledger: _Ledger, ctx: _Context, grad_of: dic
 
 def _gradients_by_row(result, step: Step) -> dict[str, list[list[tuple[str, int]]]]:
     """row name -> per layer, the (parameter name, gradient bytes) of its trainable tensors."""
-    width = DTYPE_BYTES[step.dtype]
+    width = DTYPE_BYTES[weights_dtype(result, step)]
     rows: dict[str, list[tuple[str, int]]] = {}
     for component in result.components:
         if not component.trainable:
@@ -441,16 +450,26 @@ def _module(name, module, x: Value, ledger, ctx: _Context, new, save, cache, rec
             stats = new(module.tokens * (1 if kind == "rmsnorm" else 2), 4, False)
             save(stats)
             ledger.drop(stats.tid)
-        return new(x.elements, 4 if ctx.autocast else ctx.master, grad_out)  # autocast runs norms in fp32
+        # CUDA autocast runs norms in fp32; CPU autocast leaves layer_norm in its input's dtype (an fp32
+        # residual stream under fp32 master weights); T5's RMSNorm returns its weight's dtype when half
+        if kind == "rmsnorm" or not ctx.autocast:
+            width = ctx.master if kind == "rmsnorm" and ctx.master != 4 else (4 if ctx.autocast else ctx.master)
+        else:
+            width = x.width if ctx.device == "cpu" else 4
+        return new(x.elements, width, grad_out)
     if kind not in ("linear", "conv1d", "tied"):
         return new(x.elements, x.width, grad_out)
     # a matmul: under autocast both operands are cast to half precision first
     operand = x
-    if ctx.autocast and x.width != ctx.compute:
+    quantized = row in ctx.quantized and not tied_copy
+    if quantized:  # bitsandbytes' own matmul (quant.replay_matmul): its output is ready before LoRA runs
+        base = quant.replay_matmul(module, x, grad_out, ctx.quantized[row], ctx.quant, ctx, ledger, new, save,
+                                   record)
+    elif ctx.autocast and x.width != ctx.compute:
         operand = new(x.elements, ctx.compute, x.grad)
     if trains:
         save(operand)
-    if ctx.autocast and (x.grad or module.lora_rank):
+    if ctx.autocast and ctx.master != ctx.compute and (x.grad or module.lora_rank) and not quantized:
         copy = new(module.fan_in * module.fan_out, ctx.compute, False)
         if x.grad:
             save(copy)
@@ -464,8 +483,10 @@ def _module(name, module, x: Value, ledger, ctx: _Context, new, save, cache, rec
             mask = new(x.elements, x.width if ctx.device == "cpu" else 1, False)
             save(mask)
             ledger.drop(mask.tid)
-        if ctx.autocast and lora_in.width != ctx.compute:
-            lora_cast = new(lora_in.elements, ctx.compute, lora_in.grad)
+        # LoRA's input is cast to autocast's dtype, or without autocast to its fp32 weights' (peft)
+        lora_width = ctx.compute if ctx.autocast else 4
+        if lora_in.width != lora_width and (ctx.autocast or quantized):
+            lora_cast = new(lora_in.elements, lora_width, lora_in.grad)
             save(lora_cast)
             ledger.drop(lora_cast.tid)
         else:
@@ -478,7 +499,7 @@ def _module(name, module, x: Value, ledger, ctx: _Context, new, save, cache, rec
         hidden = new(module.tokens * module.lora_rank, ctx.compute, True)
         save(hidden)
         ledger.drop(hidden.tid)
-    out = new(module.tokens * module.fan_out, ctx.compute, grad_out)
+    out = base if quantized else new(module.tokens * module.fan_out, ctx.compute, grad_out)
     if module.ia3_output:  # peft scales the output: the unscaled output is saved for the scale's gradient
         save(out)
         scaled = new(out.elements, out.width, True)

@@ -36,6 +36,7 @@ class Record:
     saved_sizes: list[tuple[int, str]]  # (bytes, category) to re-create them when a checkpointed layer re-runs
     weight_grads: list[tuple[str, int]]  # (parameter tensor name, gradient bytes)
     scratch: int = 0  # bytes of temporaries its backward holds before it returns the input's gradient
+    held: int = 0  # bytes its backward holds while it computes the input's gradient (a dequantized weight)
     leaf: bool = False  # its output is a leaf made to need a gradient: the gradient stays as its .grad
     op: str = ""  # the flow op it ran, and the streams nothing reads after it (to re-run checkpointed layers)
     dead: tuple[str, ...] = ()
@@ -112,9 +113,12 @@ def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated:
     if not record.stages and out is not None and out.tid in grad_of:
         if record.scratch:
             ledger.drop(ledger.new(record.scratch, "transient"))
+        held = ledger.new(record.held, "transient") if record.held else None
         for value in record.inputs:
             if value.grad and value.tid not in grad_of:
                 grad_of[value.tid] = ledger.new(value.bytes, "transient")
+        if held is not None:
+            ledger.drop(held)
         for name, nbytes in record.weight_grads:
             if name not in allocated:
                 # a weight used twice (tied) waits in autograd's input buffer for its second gradient

@@ -218,6 +218,10 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
               "activations": at_peak["activations"], "transient": at_peak["transient"], "overhead": overhead,
               "peak": peak, "band": [int(peak * BAND[0]), int(peak * BAND[1])]}
     formulas = _formulas(step, parallel)
+    if result.quant:
+        formulas["weights"] = formulas["weights"].replace("params x bytes(dtype)", "quantized weights as stored "
+                                                          "(packed values + scales) + other params x bytes(dtype)")
+        notes.append(_quant_note(result.quant.options, chosen.kind))
     if source == "trace":
         formulas["activations"] = "what the traced step's forward kept, alive at the peak (fake tensors)"
     throughput = _throughput(flops, states, step, chosen, result) if flops else None
@@ -272,10 +276,22 @@ def _largest_layer_bytes(result, step: Step) -> int:
     from .memory import DTYPE_BYTES
 
     units: dict[tuple[str, str], int] = {}
+    width = 1 if result.quant else DTYPE_BYTES[step.dtype]  # --quant: the bytes each row is stored in
     for c in result.components:
         key = (c.part, "one layer") if c.repeat_count > 1 else (c.part, c.name)
-        units[key] = units.get(key, 0) + c.count // max(c.repeat_count, 1)
-    return max(units.values(), default=0) * DTYPE_BYTES[step.dtype]
+        units[key] = units.get(key, 0) + (c.weight_bytes if result.quant else c.count) // max(c.repeat_count, 1)
+    return max(units.values(), default=0) * width
+
+
+def _quant_note(options, kind: str) -> str:
+    if options.type == "int8":
+        note = ("int8 (bitsandbytes' MatMul8bitFp, as it trains on a CPU): each quantized Linear dequantizes its "
+                "weight into its input's dtype in forward and again in backward, and keeps its input for backward")
+        return note + ("; on a GPU bitsandbytes runs MatMul8bitLt instead, which is not modelled" if kind == "cuda"
+                       else "")
+    return (f"{options.type}: each 4-bit Linear dequantizes its whole weight ({options.compute_dtype}) for its "
+            f"matmul in forward, and again ({options.dtype}) in backward; its output keeps its input's dtype "
+            "(fp32 under autocast when the input is fp32)")
 
 
 def _throughput(flops: dict, states, step: Step, chosen: Profile, result) -> dict | None:

@@ -174,3 +174,58 @@ def _quantizable(component, last, keep) -> bool:
     if component is last and "bias" not in component.shapes:  # the last parameter is this module's weight
         return False
     return not any(component.param == k or component.param.endswith(f".{k}") for k in keep)
+
+
+def replay_matmul(module, x, grad_out: bool, bias_trains: bool, options: Options, ctx, ledger, new, save,
+                  record):
+    """The base matmul of a bitsandbytes module in a training step on the CPU, for the memory replay: the
+    values it allocates (``new``, dropped from ``ledger`` when Python frees them), what it keeps (``save``)
+    and what its backward holds (``record.scratch``, ``record.held``). Returns its output.
+
+    ``Linear4bit`` (``Linear4bit.forward``, ``MatMul4Bit``, the ``gemm_4bit`` CPU kernel): the input is cast
+    to the compute dtype; the whole weight is dequantized into it and ``linear`` runs (under autocast that
+    casts weight and input to half precision first: a half copy of the weight beside the dequantized one);
+    the output is cast back to the input's dtype, so under autocast an fp32 input gives an fp32 output. No
+    activation is kept, only the packed weight: backward dequantizes it again, in the dtype it was loaded in,
+    cast to the gradient's dtype. peft's 4-bit LoRA layer clones the base output.
+    ``Linear8bitLt`` in training on a CPU (``MatMul8bitFp``): the weight is dequantized into the input's
+    dtype and ``linear`` runs (autocast casts as for any Linear; the output keeps autocast's dtype); the
+    input is kept for backward (``ctx.A``) whenever the op is recorded, needed or not; backward dequantizes
+    into the input's dtype again and casts the gradient to it.
+    """
+    n, out_elements = module.fan_in * module.fan_out, module.tokens * module.fan_out
+    if options.type == "int8":
+        operand, width = x, x.width
+    else:
+        width = DTYPE_BYTES[options.compute_dtype]
+        operand = new(x.elements, width, x.grad) if x.width != width else x
+    weight = new(n, width, False)
+    if ctx.autocast and width != ctx.compute:
+        casts = [new(n, ctx.compute, False), new(x.elements, ctx.compute, False)]
+        out = new(out_elements, ctx.compute, grad_out)
+        for value in casts:
+            ledger.drop(value.tid)
+    else:
+        out = new(out_elements, width, grad_out)
+    ledger.drop(weight.tid)
+    if options.type == "int8":
+        if x.grad or bias_trains:
+            save(x)
+        if x.grad:
+            record.held = n * x.width + (out_elements * x.width if out.width != x.width else 0)
+        return out
+    if x.grad:
+        loaded = DTYPE_BYTES[options.dtype]
+        record.scratch = n * loaded + (n * out.width if out.width != loaded else 0)
+        record.held = n * out.width if out.width != loaded else 0
+    if out.width != x.width:
+        cast = new(out_elements, x.width, grad_out)
+        ledger.drop(out.tid)
+        out = cast
+    if operand is not x:
+        ledger.drop(operand.tid)
+    if module.lora_rank:
+        clone = new(out_elements, out.width, grad_out)
+        ledger.drop(out.tid)
+        out = clone
+    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 from .errors import ParamcalcError
+from .quant import BLOCK
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -82,3 +83,79 @@ def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike 
     finally:
         torch.random.set_rng_state(state)
     return model.train()
+
+
+# --- the same model on fake tensors, for ``paramcalc trace`` ---------------------------------------------
+
+def quantize_on_meta(model, options) -> None:
+    """Swap the Linear/Conv1D modules of a meta-device model for bitsandbytes ones, as ``from_pretrained``
+    does before it loads weights (same modules skipped: tied and output embeddings, the last module,
+    ``_keep_in_fp32_modules``)."""
+    from transformers.integrations import replace_with_bnb_linear
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = bnb_config(options)
+    quantizer = AutoHfQuantizer.from_config(config)
+    skip = quantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules, model._keep_in_fp32_modules)
+    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
+    for module in model.modules():  # loading gives the biases new, trainable parameters; weights stay frozen
+        if module.__module__.startswith("bitsandbytes") and getattr(module, "bias", None) is not None:
+            module.bias.requires_grad_(True)
+
+
+def fake_quantize(model, options) -> list:
+    """Inside ``FakeTensorMode``, after the model's tensors became fake: quantize each bitsandbytes
+    module's weight as loading would (bitsandbytes' own fake kernels give the packed tensor and its
+    absmax), and return the quantization state tensors the model now keeps beside its parameters.
+
+    A fake tensor cannot become a ``Params4bit``/``Int8Params`` subclass, so the weight is a plain
+    frozen parameter carrying the attributes the bitsandbytes modules read (``quant_state``; ``CB``/``SCB``).
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # double quantization's 8-bit code is built from Python floats
+        bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
+    kept = []
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if isinstance(module, bnb.nn.Linear4bit):
+            settings = {"blocksize": BLOCK, "compress_statistics": options.double_quant, "quant_type": options.type,
+                        "quant_storage": module.quant_storage}
+            packed, state = bnb.functional.quantize_4bit(torch.empty(weight.shape, dtype=weight.dtype), **settings)
+            parameter = torch.nn.Parameter(packed, requires_grad=False)
+            parameter.quant_state, parameter.bnb_quantized, parameter.module = state, True, module
+            for key, value in settings.items():
+                setattr(parameter, key, value)
+            module._parameters["weight"], module.quant_state = parameter, state
+            kept += [state.absmax, state.code]
+            if state.nested:  # each weight keeps its own copy of the code, as when it is loaded
+                state.state2.code = torch.empty(state.state2.code.shape, dtype=state.state2.code.dtype)
+                kept += [state.state2.absmax, state.state2.code, state.offset]
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            values = torch.empty(weight.shape, dtype=torch.int8)  # int8_vectorwise_quant: values, row scales
+            scales = torch.empty(weight.shape[0], dtype=torch.float32)
+            parameter = torch.nn.Parameter(values, requires_grad=False)
+            parameter.CB, parameter.SCB, parameter.has_fp16_weights = values, scales, False
+            module._parameters["weight"] = parameter
+            kept.append(scales)
+    return kept
+
+
+def decomposed_4bit_matmuls():
+    """A dispatch mode that runs bitsandbytes' 4-bit matmul as its CPU kernel does (dequantize the whole
+    weight, then ``linear``) instead of its fake kernel, which allocates only the output: so a trace sees
+    the dequantized weight every 4-bit matmul makes. Enter it inside the mode that tracks memory."""
+    import torch
+    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Decomposed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.bitsandbytes.gemm_4bit.default:
+                return _gemm_4bit_default_impl(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    return Decomposed()

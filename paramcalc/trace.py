@@ -22,7 +22,8 @@ import weakref
 from dataclasses import dataclass, field
 
 from .errors import ParamcalcError
-from . import attention
+from . import attention, quantized
+from .memory import weights_dtype
 from .step import Step, attention_note, attn_implementation, check_fits_model, resolve_attention
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "transient")
@@ -185,7 +186,7 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
     if result.task == "seq-cls" and getattr(hf, "pad_token_id", None) is None:
         hf.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding; any id does on fake data
     hf._attn_implementation = attn_implementation(step, "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[step.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weights_dtype(result, step)]
     tracker = _live_storage_tracker()
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the step's dtype
@@ -197,10 +198,15 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
                              f"{str(exc).splitlines()[0][:200]}") from None
     finally:
         torch.set_default_dtype(default_dtype)
+    if result.quant:  # bitsandbytes modules, as from_pretrained(quantization_config=...) makes them
+        quantized.quantize_on_meta(model, result.quant.options)
+        notes.append(f"{result.quant.options.type} weights quantized by bitsandbytes on fake tensors; its 4-bit "
+                     "matmuls run as its CPU kernel does (the whole weight dequantized, then a linear)")
     if result.peft_options:
         model = apply_real_peft(model, result)
     with FakeTensorMode(allow_non_fake_inputs=True):  # peft keeps small index tensors as plain attributes
         _fake_tensors(model)
+        kept = quantized.fake_quantize(model, result.quant.options) if result.quant else []
         if step.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -209,8 +215,10 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
         optimizer = _optimizer(step, trainable)
         encoder_decoder = bool(getattr(hf, "is_encoder_decoder", False))
         inputs, second_inputs = (_inputs(result, step, encoder_decoder) for _ in range(2))
-        for tensor in [*parameters, *model.buffers()]:
+        for tensor in [*parameters, *model.buffers(), *kept]:
             tracker.track(tensor, "parameters")
+        matmuls = (quantized.decomposed_4bit_matmuls if result.quant and result.quant.options.type != "int8"
+                   else contextlib.nullcontext)
         counter = FlopCounterMode(display=False, custom_mapping=_cpu_fused_attention_formulas())
         autocast = (torch.autocast("cpu", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[step.mixed_precision])
                     if step.mixed_precision else contextlib.nullcontext())
@@ -218,12 +226,13 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
         with tracker:
             # Two steps: the first counts FLOPs; the second is the steady state users live in, where the
             # optimizer state made by the first step is alive throughout forward and backward.
-            with counter:
+            with counter, matmuls():
                 _one_step(model, inputs, optimizer, autocast, tracker, result, flops, counter)
             if steady:
                 optimizer.zero_grad(set_to_none=True)
                 tracker.reset_peak()
-                _one_step(model, second_inputs, optimizer, autocast, tracker, result)
+                with matmuls():
+                    _one_step(model, second_inputs, optimizer, autocast, tracker, result)
         del inputs
         flops["total"] = flops["forward"] + flops["backward"] + flops["optimizer"]
         grads = {id(p.grad.untyped_storage()) for p in trainable if p.grad is not None}

@@ -5,7 +5,9 @@ before the step (parameters, buffers, quantization state, optimizer state; one c
 the high-water mark of torch.profiler's ``[memory]`` events, summed in time order over one steady step.
 """
 
+import functools
 import warnings
+from dataclasses import replace
 
 import pytest
 
@@ -16,6 +18,8 @@ pytest.importorskip("bitsandbytes")
 
 GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 500, "n_positions": 64}
 BLOOM = {"n_layer": 2, "hidden_size": 64, "n_head": 4, "vocab_size": 500}
+TINY = {"gpt2": GPT2, "bloom-560m": BLOOM}
+STEP = Step(batch=2, seq=32, attention="eager")
 
 
 def quantization_tensors(model):
@@ -33,6 +37,13 @@ def quantization_tensors(model):
         for holder in (weight, getattr(module, "state", None)):  # Linear8bitLt moves CB/SCB to its state
             found += [t for t in (getattr(holder, "CB", None), getattr(holder, "SCB", None)) if torch.is_tensor(t)]
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def measured(model: str, spec: str, mixed_precision: str | None, peft: str | None = "lora:r=8") -> tuple[int, int]:
+    """A tiny causal LM's real step at batch 2 x 32 tokens (eager attention), measured once per test run."""
+    result = paramcalc.count(model, task="causal-lm", overrides=TINY[model], quant=spec, peft=peft, formulas=False)
+    return measured_step(result, STEP if mixed_precision is None else replace(STEP, mixed_precision=mixed_precision))
 
 
 def measured_step(result, step: Step) -> tuple[int, int]:
@@ -118,3 +129,51 @@ def test_dtype_of_the_step_and_of_the_quantized_load_must_agree():
     assert model_states(result, Step(dtype="bf16")).weights == model_states(result, Step()).weights
     with pytest.raises(paramcalc.ParamcalcError, match="--quant ...,dtype=fp16"):
         model_states(result, Step(dtype="fp16"))
+
+
+PEAKS = [  # (model, quant, autocast): QLoRA as tutorials run it, fp32 and bf16 autocast, int8, bf16 weights
+    ("gpt2", "nf4", None), ("gpt2", "nf4", "bf16"), ("bloom-560m", "nf4", None), ("bloom-560m", "nf4", "bf16"),
+    ("gpt2", "int8", None), ("gpt2", "int8", "bf16"), ("bloom-560m", "int8", "bf16"),
+    ("bloom-560m", "nf4,double_quant=true,compute_dtype=bf16", "bf16"),
+    ("gpt2", "fp4,dtype=bf16,compute_dtype=bf16", "bf16"), ("gpt2", "nf4,dtype=bf16", None),
+]
+
+
+@pytest.mark.parametrize(("model", "spec", "autocast"), PEAKS, ids=[f"{m}:{s}:{a}" for m, s, a in PEAKS])
+def test_replayed_peak_of_a_qlora_step_is_within_5_percent_of_the_real_one(model, spec, autocast):
+    from paramcalc.plan import plan
+
+    result = paramcalc.count(model, task="causal-lm", overrides=TINY[model], quant=spec, peft="lora:r=8",
+                             formulas=False)
+    predicted = plan(result, replace(STEP, mixed_precision=autocast)).memory["peak"]
+    _, real = measured(model, spec, autocast)
+    assert abs(predicted - real) / real < 0.05, (predicted, real)
+
+
+@pytest.mark.parametrize(("model", "spec", "autocast"), [PEAKS[1], PEAKS[6], PEAKS[7]],
+                         ids=["gpt2:nf4:bf16", "bloom:int8:bf16", "bloom:nf4-double-bf16:bf16"])
+def test_trace_runs_the_quantized_model_on_fake_tensors(model, spec, autocast):
+    from paramcalc.trace import trace_step
+
+    result = paramcalc.count(model, task="causal-lm", overrides=TINY[model], quant=spec, peft="lora:r=8",
+                             formulas=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = trace_step(result, replace(STEP, mixed_precision=autocast))
+    before, real = measured(model, spec, autocast)
+    # all that stays alive but the gradients: bitsandbytes recasts some biases in forward (to the compute dtype;
+    # int8: to each input's dtype), new storages the tracer files under the forward's (GPT-2 keeps 512 B more)
+    assert abs(sum(report.after_step.values()) - report.after_step["gradients"] - before) <= 512
+    # the fake step allocates what the real one does, the dequantized 4-bit weights included
+    assert abs(report.peak - real) / real < 0.002, (report.peak, real)
+    assert any("quantized by bitsandbytes" in note for note in report.notes)
+
+
+def test_without_peft_the_quantized_step_trains_the_rest():
+    from paramcalc.plan import plan
+
+    result = paramcalc.count("gpt2", task="causal-lm", overrides=GPT2, quant="nf4", formulas=False)
+    predicted = plan(result, STEP)
+    _, real = measured("gpt2", "nf4", None, None)
+    assert abs(predicted.memory["peak"] - real) / real < 0.05
+    assert any("dequantizes its whole weight" in note for note in predicted.notes)

@@ -40,14 +40,15 @@ def bnb_config(options):
 
 
 def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike | None = None,
-                          attention: str = "eager"):
+                          attention: str | None = None, config=None):
     """The bitsandbytes-quantized Hugging Face model of ``result`` (a ``paramcalc.count(..., quant=...)``).
 
     ``seed`` seeds the random weights (when no ``weights_dir``); ``weights_dir`` is a local checkpoint
     (a ``save_pretrained`` folder) to quantize instead; ``attention`` is transformers'
-    ``attn_implementation`` (``eager`` or ``sdpa``). The model is on the CPU, in train mode, loaded as
-    transformers loads it: quantized weights frozen, every other parameter trainable until peft (e.g.
-    ``paramcalc.verify.apply_real_peft(model, result)``) freezes the base.
+    ``attn_implementation`` (``eager``, ``sdpa``; None or ``auto``: transformers' default); ``config`` a transformers
+    config to build with instead of one made from ``result.config``. The model is on the CPU, in train
+    mode, loaded as transformers loads it: quantized weights frozen, every other parameter trainable until
+    peft (e.g. ``paramcalc.verify.apply_real_peft(model, result)``) freezes the base.
     """
     if result.quant is None:
         raise ParamcalcError("build_quantized_model needs a count with --quant (e.g. quant='nf4')")
@@ -61,14 +62,15 @@ def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike 
     from .meta import hf_config
 
     options = result.quant.options
-    config = hf_config(result.config)
+    config = config if config is not None else hf_config(result.config)
     if result.task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding: any id runs
-    config._attn_implementation = attention
     cls = getattr(transformers, result.hf_class)
     dtype = getattr(torch, TORCH_DTYPES[options.dtype])
     kwargs = {"config": config, "quantization_config": bnb_config(options), "device_map": "cpu", "dtype": dtype,
-              "local_files_only": True, "attn_implementation": attention}
+              "local_files_only": True}
+    if attention not in (None, "auto"):
+        config._attn_implementation = kwargs["attn_implementation"] = attention
     state = torch.random.get_rng_state()
     try:
         if weights_dir is None:

@@ -56,7 +56,7 @@ def measured_step(result, step: Step) -> tuple[int, int]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_quantized_model(result)
+        model = build_quantized_model(result, attention=step.attention)
         model = apply_real_peft(model, result) if result.peft_options else model
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)

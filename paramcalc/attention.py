@@ -84,6 +84,16 @@ def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_ou
     grad = q.grad or k.grad or v.grad
     runs = kernel(ctx.step, core, ctx.config, ctx.device)
     if runs == "eager":
+        if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing \
+                and k.width != ctx.compute:
+            # The key/value cache's copies of k and v are what the matmuls read. Where they already have the
+            # matmuls' dtype they stand in for the copies below; cast (an fp32 4-bit output under autocast)
+            # they are more, alive until the model's output dies.
+            cached = [new(b * k_len * heads * dim, value.width, value.grad) for value in (k, v)]
+            for value, copy in zip((k, v), cached):
+                _stage(record, [value], copy, ledger)
+            until_output += [value.tid for value in cached]
+            inputs = (q, *cached)
         return _eager(core, b, heads, dim, q_len, k_len, inputs, grad, ledger, ctx, new, dropout, record)
     cached = []
     if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
@@ -207,8 +217,9 @@ def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, 
     probs = new(scores, 4 if fp32_softmax else width, grad)
     _stage(record, [logits], probs, ledger, saves=[probs] * bool(grad))
     ledger.drop(logits.tid)
-    if probs.width != width and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(input_dtype)
-        probs = _cast(record, probs, width, ledger, new)
+    back = operands[0].width  # the projections' dtype (fp32 out of a 4-bit Linear under autocast)
+    if probs.width != back and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(query's dtype)
+        probs = _cast(record, probs, back, ledger, new)
     stage = _stage(record, [probs], None, ledger)
     dropped = dropout(probs, dropout_of(core, ctx.config), lambda value: _keep(stage, value, ledger))
     if dropped is probs:  # no dropout: torch returns its input

@@ -89,20 +89,44 @@ def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike 
 
 # --- the same model on fake tensors, for ``paramcalc trace`` ---------------------------------------------
 
-def quantize_on_meta(model, options) -> None:
-    """Swap the Linear/Conv1D modules of a meta-device model for bitsandbytes ones, as ``from_pretrained``
-    does before it loads weights (same modules skipped: tied and output embeddings, the last module,
-    ``_keep_in_fp32_modules``)."""
-    from transformers.integrations import replace_with_bnb_linear
+def _skipped(model, options) -> tuple[object, list[str]]:
+    """transformers' BitsAndBytesConfig and the modules from_pretrained leaves unquantized: tied and output
+    embeddings, the module of the last parameter, ``_keep_in_fp32_modules``."""
     from transformers.quantizers import AutoHfQuantizer
 
     config = bnb_config(options)
     quantizer = AutoHfQuantizer.from_config(config)
-    skip = quantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules, model._keep_in_fp32_modules)
+    return config, quantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules,
+                                                        model._keep_in_fp32_modules)
+
+
+def quantize_on_meta(model, options) -> None:
+    """Swap the Linear/Conv1D modules of a meta-device model for bitsandbytes ones, as ``from_pretrained``
+    does before it loads weights (the same modules skipped: see ``_skipped``)."""
+    from transformers.integrations import replace_with_bnb_linear
+
+    config, skip = _skipped(model, options)
     replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
     for module in model.modules():  # loading gives the biases new, trainable parameters; weights stay frozen
         if module.__module__.startswith("bitsandbytes") and getattr(module, "bias", None) is not None:
             module.bias.requires_grad_(True)
+
+
+def freeze_quantized(model, options) -> list[str]:
+    """Without swapping modules (shapes stay as the model declares them, Conv1D's included): freeze the
+    weights ``from_pretrained`` would quantize, as it does, and return their modules' names. For
+    ``--verify`` of a quantized count, on the meta model before peft is applied."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    _, skip = _skipped(model, options)
+    names = []
+    for name, module in model.named_modules():
+        if (isinstance(module, Conv1D) or type(module) is torch.nn.Linear) and should_convert_module(name, skip):
+            module.weight.requires_grad_(False)
+            names.append(name)
+    return names
 
 
 def fake_quantize(model, options) -> list:

@@ -159,3 +159,18 @@ def test_builder_loads_a_local_checkpoint(tmp_path):
         build_quantized_model(result, weights_dir=tmp_path / "missing")
     with pytest.raises(paramcalc.ParamcalcError, match="needs a count with --quant"):
         build_quantized_model(dense)
+
+
+@pytest.mark.parametrize("model,task", [("gpt2", "causal-lm"), ("bert-base-uncased", "seq-cls"),
+                                        ("t5-small", "seq2seq-lm")])
+def test_meta_model_frozen_as_loading_freezes_it_verifies(model, task):
+    # --verify of a quantized count needs the meta model's quantized weights frozen, as from_pretrained does
+    from paramcalc.meta import build_meta_model
+    from paramcalc.quantized import freeze_quantized
+    from paramcalc.verify import verify
+
+    result = paramcalc.count(model, task=task, overrides=SHRINK[model], quant="nf4", formulas=False)
+    meta = build_meta_model(result.config, class_name=result.hf_class)
+    frozen = freeze_quantized(meta, result.quant.options)
+    assert len(frozen) == sum(c.repeat_count for c in result.components if c.name in result.quant.quantized)
+    assert verify(result, meta).ok

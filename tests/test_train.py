@@ -200,3 +200,19 @@ def test_two_process_data_parallel_run_predicts_each_process_with_ddp_buckets(ti
         # full fine-tuning in fp32: a bucket slot of 4 bytes for every trainable parameter
         assert memory["ddp_buckets"] == 4 * report["measured"]["trainable_params"] > 0
         assert abs(report["error"]["peak"]) <= TOLERANCE, report["error"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_qlora_trains_only_the_adapters_on_a_4bit_base_and_matches_the_prediction(family):
+    """bitsandbytes runs 4-bit matmuls on this CPU: a real QLoRA step (nf4 base, LoRA, bf16 autocast)."""
+    config, task = TINY[family]
+    result = paramcalc.count(config, task=task, peft="lora:r=8", quant="nf4", formulas=False)
+    trained = []
+    report = train(result, Step(batch=2, seq=32, mixed_precision="bf16"), TrainOptions(steps=4, lr=5e-3),
+                   on_model=lambda model: trained.append({n: p for n, p in model.named_parameters()}))
+    assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
+    assert report.measured["loss"][-1] < report.measured["loss"][0]
+    # only the LoRA matrices train; the 4-bit weights are frozen uint8 storages
+    trainable = {n for n, p in trained[0].items() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert report.measured["trainable_params"] == result.trainable_params

@@ -67,7 +67,7 @@ def model_options(command):
         click.option("--ia3", metavar="SPEC", default=None, is_flag=False, flag_value="",
                      help="IA3 with peft's defaults, or targets=...,ff=..."),
         click.option("--quant", metavar="TYPE", default=None,
-                     help="Quantized base weights: nf4, fp4 or int8 [,double_quant=true,dtype=bf16]; adds bytes per "
+                     help="Quantized base weights: nf4, fp4 or int8 [,double_quant=true,dtype=bf16,compute_dtype=bf16]; adds bytes per "
                           "component and the counts peft's print_trainable_parameters shows."),
     ]
     for option in reversed(options):

@@ -57,6 +57,10 @@ def verify(result: CountResult, model=None) -> Verification:
         model = build_factory_model(result.config_source)
     if model is None:
         model = build_meta_model(result.config, class_name=result.hf_class, task=result.task)
+        if result.quant is not None:  # from_pretrained loads quantized weights frozen
+            from .quantized import freeze_quantized
+
+            freeze_quantized(model, result.quant.options)
     if result.peft_options:
         model = apply_real_peft(model, result)
     actual = {peft_free_name(name): p for name, p in model.named_parameters()}
@@ -98,7 +102,8 @@ def verify(result: CountResult, model=None) -> Verification:
 
 
 def apply_real_peft(model, result):
-    """Apply the same methods with peft itself (``get_peft_model``), still on the meta device."""
+    """Apply the same methods with peft itself (``get_peft_model``), on the meta device for ``--verify`` or
+    on a real model for ``paramcalc train``; bottleneck adapters with paramcalc's own injected modules."""
     import warnings
 
     import peft

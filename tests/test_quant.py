@@ -174,3 +174,14 @@ def test_meta_model_frozen_as_loading_freezes_it_verifies(model, task):
     frozen = freeze_quantized(meta, result.quant.options)
     assert len(frozen) == sum(c.repeat_count for c in result.components if c.name in result.quant.quantized)
     assert verify(result, meta).ok
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_verify_a_quantized_count_without_peft(quant):
+    """--verify freezes the weights from_pretrained would quantize, as the real loader does."""
+    from paramcalc.verify import verify
+
+    result = paramcalc.count("gpt2", task="causal-lm", quant=quant, formulas=False)
+    verification = verify(result)
+    assert verification.ok, verification.mismatches()
+    assert result.trainable_params < result.total_params

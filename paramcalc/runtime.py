@@ -69,6 +69,7 @@ def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", 
     from .verify import apply_real_peft
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()  # from_pretrained's bar would break paramcalc's own
     hf = hf_config_for(result, step, device, batches)
     torch.manual_seed(seed)
     cls = _model_class(result)

@@ -11,6 +11,11 @@ One module for everything that measures, used by ``paramcalc train``, the benchm
 - **CUDA**: ``torch.cuda.max_memory_allocated``, with the peak reset at the start of each phase;
   ``memory_reserved`` (the caching allocator's blocks) as context.
 
+The profiler records the allocations and frees of the thread that runs the step only: a tensor another
+thread lets go of stays alive in its sum. DDP's first weight broadcast is such a tensor (gloo's worker
+thread often drops it last), so in data-parallel processes only the measured step is recorded, on top of
+``alive_bytes``: the storages the model and optimizer hold, and the bucket bytes DDP itself reports.
+
 A measured step is split into phases (``forward``, ``backward``, ``optimizer``; a step with gradient
 accumulation runs forward and backward several times, and a phase's peak is its highest). ``before``
 is what is alive when the measured step starts: the model states (weights, optimizer state) and
@@ -57,6 +62,7 @@ class CpuMeter:
     def __init__(self):
         self._profiler = None
         self._events = None
+        self.offset = 0  # bytes alive when recording starts, where recording starts after the model exists
 
     @contextlib.contextmanager
     def recording(self):
@@ -119,7 +125,8 @@ class CpuMeter:
             for phase, spans in windows.items():
                 if any(start <= when <= end for start, end in spans):
                     peaks[phase] = max(peaks[phase] or 0, alive)
-        return {"before": before, "peak": max(step_peak, before), **peaks, **at_mark}
+        figures = {"before": before, "peak": max(step_peak, before), **peaks, **at_mark}
+        return {k: None if v is None else v + self.offset for k, v in figures.items()}
 
 
 class CudaMeter:
@@ -174,6 +181,38 @@ class CudaMeter:
         return {"before": self._before, "peak": self._peaks.get("step", self._before),
                 **{phase: self._peaks.get(phase) for phase in PHASES},
                 "reserved": torch.cuda.max_memory_reserved(self.device), **self._marks}
+
+
+def alive_bytes(model, optimizer=None) -> int:
+    """Bytes of every storage the model and optimizer hold (parameters, buffers, gradients, optimizer state,
+    bitsandbytes' quantization state), each counted once, plus the gradient buckets DDP reports."""
+    import torch
+
+    storages = {}
+
+    def add(value, depth=0):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif depth < 3 and hasattr(value, "__dict__") and type(value).__module__.startswith("bitsandbytes"):
+            for item in vars(value).values():  # a QuantState: absmax, code, nested state...
+                add(item, depth + 1)
+
+    for parameter in model.parameters():
+        add(parameter)
+        add(parameter.grad)
+        add(getattr(parameter, "quant_state", None))
+    for buffer in model.buffers():
+        add(buffer)
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        for value in state.values():
+            add(value)
+    total = sum(storages.values())
+    if hasattr(model, "_get_ddp_logging_data"):  # torch's own account of its flat gradient buckets
+        logged = model._get_ddp_logging_data()
+        if not logged.get("gradient_as_bucket_view"):
+            total += sum(int(size) for size in str(logged.get("bucket_sizes", "")).split(",") if size.strip())
+    return total
 
 
 def meter_for(device) -> CpuMeter | CudaMeter:

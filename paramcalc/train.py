@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ParamcalcError
 
@@ -146,7 +146,8 @@ def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[di
     except ParamcalcError as exc:
         return None, [f"no prediction: {exc}"]
     notes = []
-    memory = {**step_plan.memory, "phases": step_plan.phase_peaks}
+    buckets = step_plan.memory.get("ddp_buckets", 0)  # alive through every phase
+    memory = {**step_plan.memory, "phases": {k: v + buckets for k, v in step_plan.phase_peaks.items()}}
     throughput = step_plan.throughput or {}
     if throughput.get("step_s") and options.grad_accum > 1:  # K forward+backward passes, one optimizer step
         compute_s = step_plan.flops["total"] / step_plan.profile.flops_per_s
@@ -200,7 +201,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     device's memory without ``force``) with the report so far.
     """
     from .data import make_batches
-    from .measure import StepTimer, is_out_of_memory, meter_for, resident_bytes
+    from .measure import StepTimer, alive_bytes, is_out_of_memory, meter_for, resident_bytes
     from .runtime import check_weights_dir, make_optimizer
     from .step import resolve_attention
 
@@ -208,6 +209,13 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     if options.weights is not None:
         check_weights_dir(options.weights)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and options.warmup < 2:
+        # DDP rebuilds its buckets (in the order gradients arrived) during the second step, holding the old
+        # and the new ones at once: the steady step is the third
+        if options.steps < 3:
+            raise ParamcalcError("data-parallel runs need --steps 3 or more: DDP's second step rebuilds its "
+                                 "buckets, so the third is the first steady one to measure")
+        options = replace(options, warmup=2)
     batches = make_batches(result, batch=step.batch, seq=step.seq, tgt_seq=step.tgt_seq, data=options.data,
                            tokenizer=options.tokenizer, seed=options.seed)
     predicted, notes = predict(result, step, options, processes)
@@ -220,21 +228,32 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
         raise RunFailed(f"the predicted peak {predicted['memory']['peak']:,} B exceeds the device's "
                         f"{predicted['device_memory']:,} B; not starting (--force runs it anyway)", report)
     meter, timer, losses, index = meter_for(options.device), StepTimer(options.device), [], -1
+    # One process: record from before the model exists. Several: gloo's worker threads free some tensors the
+    # step's thread allocated, which the profiler cannot see, so record the measured step alone, on top of
+    # what is alive then (measure.alive_bytes; DDP reports its buckets itself).
+    late = processes > 1 and options.kind == "cpu"
     try:
-        with meter.recording():
+        with contextlib.nullcontext() if late else meter.recording():
             model, optimizer, accelerator = _prepare(result, step, options, make_optimizer, batches)
             meter.mark("loaded")  # the model states before the first step: weights, buffers, DDP buckets
+            loaded = alive_bytes(model, optimizer)
             index = 0
             report.measured["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            started = _fingerprints(accelerator.unwrap_model(model))
             for index in range(options.warmup + 1):
                 measured = index == options.warmup
-                with meter.phase("step") if measured else contextlib.nullcontext():
-                    with timer.step() if measured else contextlib.nullcontext():
-                        loss = _step(model, optimizer, accelerator, batches, options, meter.phase)
+                if measured and late:
+                    meter.offset = alive_bytes(model, optimizer)
+                with meter.recording() if measured and late else contextlib.nullcontext():
+                    with meter.phase("step") if measured else contextlib.nullcontext():
+                        with timer.step() if measured else contextlib.nullcontext():
+                            loss = _step(model, optimizer, accelerator, batches, options, meter.phase)
                 losses.append(loss)
                 if on_step:
                     on_step(index, loss, timer.seconds[-1] if measured else None)
         memory = meter.summary()
+        if late:
+            memory["loaded"] = loaded
         under_profiler = timer.seconds[:]
         timer.seconds.clear()
         for index in range(options.warmup + 1, options.steps):
@@ -259,9 +278,32 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     memory["resident"] = resident_bytes()
     report.measured.update({"memory": memory, "step_s": step_s, "tokens_per_s": tokens / step_s,
                             "timed_steps": len(seconds), "steps": options.steps, "loss": losses})
+    report.measured.update(_changed(started, _fingerprints(accelerator.unwrap_model(model))))
     if on_model:
         on_model(accelerator.unwrap_model(model))
     return report
+
+
+def _fingerprints(model) -> dict[str, tuple[int, bool, bytes]]:
+    """name -> (numel, requires_grad, digest of the bytes): which parameters training changed, bit for bit,
+    without keeping a copy (on a CPU the bytes are hashed in place)."""
+    import hashlib
+
+    import torch
+
+    prints = {}
+    for name, parameter in model.named_parameters():
+        data = parameter.detach().contiguous().cpu()
+        raw = data.view(-1).view(torch.uint8).numpy() if data.numel() else b""
+        prints[name] = (parameter.numel(), parameter.requires_grad, hashlib.blake2b(raw, digest_size=16).digest())
+    return prints
+
+
+def _changed(before: dict, after: dict) -> dict:
+    """The parameters training changed: every trainable one should, no frozen one may."""
+    changed = [name for name in before if before[name][2] != after[name][2]]
+    return {"changed_params": sum(before[n][0] for n in changed),
+            "frozen_changed": sorted(n for n in changed if not before[n][1])}
 
 
 def _no_phase(_name):

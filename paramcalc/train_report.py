@@ -77,8 +77,12 @@ def comparison_table(report):
     lines = [table]
     if loss:
         lines.append(Text(f"loss {loss[0]:.4f} -> {loss[-1]:.4f} over {len(loss)} steps"))
-    if report.measured.get("trainable_params") is not None:
-        lines.append(Text(f"parameters with requires_grad: {report.measured['trainable_params']:,}"))
+    if report.measured.get("changed_params") is not None:
+        frozen = report.measured["frozen_changed"]
+        lines.append(Text(f"parameters training changed: {report.measured['changed_params']:,} of "
+                          f"{report.measured['trainable_params']:,} with requires_grad"
+                          + (f"; FROZEN parameters changed: {', '.join(frozen)}" if frozen else
+                             "; every frozen parameter is bit-identical"), style="red" if frozen else ""))
     verdict = report.verdict()
     if "failed" in report.measured:
         at = report.measured["failed_at_step"]

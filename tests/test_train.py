@@ -65,7 +65,8 @@ def test_real_steps_match_the_prediction_and_train_exactly_the_trainable_rows(fa
     assert changed == _trained_rows(result), "trained parameters differ from the count's trainable rows"
     assert frozen.isdisjoint(_trained_rows(result))
     assert sum(after[n].numel() for n in after if peft_free_name(n) in changed) == result.trainable_params
-    assert measured["trainable_params"] == result.trainable_params
+    assert measured["trainable_params"] == measured["changed_params"] == result.trainable_params
+    assert measured["frozen_changed"] == []
     assert report.verdict() == "within tolerance"
 
 
@@ -200,6 +201,8 @@ def test_two_process_data_parallel_run_predicts_each_process_with_ddp_buckets(ti
         # full fine-tuning in fp32: a bucket slot of 4 bytes for every trainable parameter
         assert memory["ddp_buckets"] == 4 * report["measured"]["trainable_params"] > 0
         assert abs(report["error"]["peak"]) <= TOLERANCE, report["error"]
+        measured = report["measured"]  # every weight trained, in step on both processes
+        assert measured["changed_params"] == measured["trainable_params"] > 0 and measured["frozen_changed"] == []
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bloom"])
@@ -212,6 +215,8 @@ def test_qlora_trains_only_the_adapters_on_a_4bit_base_and_matches_the_predictio
                    on_model=lambda model: trained.append({n: p for n, p in model.named_parameters()}))
     assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
     assert report.measured["loss"][-1] < report.measured["loss"][0]
+    # the trainer's own bit-for-bit check: every LoRA weight changed, no 4-bit weight or frozen norm did
+    assert report.measured["changed_params"] == result.trainable_params and report.measured["frozen_changed"] == []
     # only the LoRA matrices train; the 4-bit weights are frozen uint8 storages
     trainable = {n for n, p in trained[0].items() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)

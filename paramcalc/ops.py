@@ -1,0 +1,159 @@
+"""What each op of a family's flow allocates and keeps for backward: the replay's ops.
+
+``paramcalc.activations`` walks the flow and calls these; each gets the replay's context (``ctx``: dtypes,
+device, the modules of the flow), allocates in ``ledger`` through ``new(elements, width, grad)`` and keeps
+what backward needs through ``save(value)``, following torch's derivative formulas
+(``tools/autograd/derivatives.yaml``).
+
+Torch-free: the analytic path.
+"""
+
+from __future__ import annotations
+
+from . import quant
+from .flops import _base_name
+from .ledger import Ledger, Record, Value
+
+# What each activation function keeps for backward, in tensors the size of its input (written out in
+# Python, GPT-2's tanh GELU keeps x, tanh(...), 0.5*x and 1 + tanh(...)).
+ACTIVATION_SAVES = {"gelu": ("input",), "gelu_pytorch_tanh": ("input",), "relu": ("output",), "silu": ("input",),
+                    "gelu_new": ("input", "new", "new", "new"), "bloom_gelu": ("input",), "tanh": ("output",)}
+# Activations written out in Python hold several input-sized temporaries at once in backward: BLOOM's
+# bloom_gelu_back has five alive while it builds its derivative, and autograd's walk back through GPT-2's
+# tanh GELU (pow, tanh, three products) holds as many.
+ACTIVATION_BACKWARD_SCRATCH = {"bloom_gelu": 5, "gelu_new": 2}
+# transformers' T5Config turns feed_forward_proj into the activation it runs
+T5_ACTIVATION = {"relu": "relu", "gated-gelu": "gelu_new", "gelu": "gelu", "gated-silu": "silu", "silu": "silu"}
+
+
+def dropout(x: Value, p: float, ledger: Ledger, ctx, save) -> Value:
+    if p == 0:  # torch returns its input unchanged
+        ledger.hold(x.tid)
+        return x
+    mask_width = x.width if ctx.device == "cpu" else 1  # CPU: a scaled noise tensor; CUDA: a bool mask
+    mask = Value(ledger.new(x.elements * mask_width, "activations"), x.elements, mask_width, False)
+    if x.grad:
+        save(mask)
+    ledger.drop(mask.tid)
+    return Value(ledger.new(x.bytes, "activations"), x.elements, x.width, x.grad)
+
+
+def activation(key: str, x: Value, ledger: Ledger, ctx, new, save, record: Record) -> Value:
+    name = ctx.config.get(key, key)
+    name = T5_ACTIVATION.get(name, name) if key == "feed_forward_proj" else name
+    record.scratch = ACTIVATION_BACKWARD_SCRATCH.get(name, 0) * x.bytes
+    saves = ACTIVATION_SAVES.get(name, ("input",))
+    out = new(x.elements, x.width, x.grad)
+    if x.grad:
+        for what in saves:
+            if what == "input":
+                save(x)
+            elif what == "output":
+                save(out)
+            else:
+                extra = new(x.elements, x.width, False)
+                save(extra)
+                ledger.drop(extra.tid)  # the record holds it now
+    return out
+
+
+def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Value:
+    tied_copy = name.endswith(" [tied]")  # the model runs a twin of the row: same weight, no PEFT wrapper
+    row = _base_name(name.removesuffix(" [tied]"))
+    trains = module.weight_trains
+    grad_out = (x is not None and x.grad) or (module.weight_trains if tied_copy else module.any_trains)
+    per_layer = ctx.grads.get(ctx.tied_to.get(row, row), [])
+    if per_layer and (trains or not tied_copy):
+        record.weight_grads = list(per_layer[min(ctx.layer, len(per_layer) - 1)])
+    kind = module.kind
+    if kind in ("embedding", "tied") and (module.fan_in == 0 or tied_copy):  # a lookup
+        return new(module.tokens * module.fan_out, ctx.master, grad_out)
+    if kind in ("layernorm", "rmsnorm"):
+        if x.grad or trains:
+            save(x)
+            if kind == "rmsnorm" and trains:  # the normalised tensor, for the weight's gradient
+                normalised = new(x.elements, 4 if ctx.autocast else ctx.master, False)
+                save(normalised)
+                ledger.drop(normalised.tid)
+            stats = new(module.tokens * (1 if kind == "rmsnorm" else 2), 4, False)
+            save(stats)
+            ledger.drop(stats.tid)
+        # CUDA autocast runs norms in fp32; CPU autocast leaves layer_norm in its input's dtype (an fp32
+        # residual stream under fp32 master weights); T5's RMSNorm returns its weight's dtype when half
+        if kind == "rmsnorm" or not ctx.autocast:
+            width = ctx.master if kind == "rmsnorm" and ctx.master != 4 else (4 if ctx.autocast else ctx.master)
+        else:
+            width = x.width if ctx.device == "cpu" else 4
+        return new(x.elements, width, grad_out)
+    if kind not in ("linear", "conv1d", "tied"):
+        return new(x.elements, x.width, grad_out)
+    # a matmul: under autocast both operands are cast to half precision first
+    operand = x
+    quantized = row in ctx.quantized and not tied_copy
+    if quantized:  # bitsandbytes' own matmul (quant.replay_matmul): its output is ready before LoRA runs
+        base = quant.replay_matmul(module, x, grad_out, ctx.quantized[row], ctx.quant, ctx, ledger, new, save,
+                                   record)
+    elif ctx.autocast and x.width != ctx.compute:
+        operand = new(x.elements, ctx.compute, x.grad)
+    if trains:
+        save(operand)
+    if ctx.autocast and ctx.master != ctx.compute and (x.grad or module.lora_rank) and not quantized:
+        copy = new(module.fan_in * module.fan_out, ctx.compute, False)
+        if x.grad:
+            save(copy)
+        if module.weight_trains:  # autocast caches casts of trainable leaves until the forward ends
+            cache.append(ledger.hold(copy.tid))
+        ledger.drop(copy.tid)
+    if module.lora_rank:
+        lora_in = x
+        if ctx.lora_dropout > 0:
+            lora_in = new(x.elements, x.width, x.grad)
+            mask = new(x.elements, x.width if ctx.device == "cpu" else 1, False)
+            save(mask)
+            ledger.drop(mask.tid)
+        # LoRA's input is cast to autocast's dtype, or without autocast to its fp32 weights' (peft)
+        lora_width = ctx.compute if ctx.autocast else 4
+        if lora_in.width != lora_width and (ctx.autocast or quantized):
+            lora_cast = new(lora_in.elements, lora_width, lora_in.grad)
+            save(lora_cast)
+            ledger.drop(lora_cast.tid)
+        else:
+            save(lora_in)
+        if lora_in is not x:
+            ledger.drop(lora_in.tid)
+        if ctx.autocast:  # A and B are trainable leaves: autocast caches their half copies
+            for elements in (module.fan_in * module.lora_rank, module.lora_rank * module.fan_out):
+                cache.append(new(elements, ctx.compute, False).tid)
+        hidden = new(module.tokens * module.lora_rank, ctx.compute, True)
+        save(hidden)
+        ledger.drop(hidden.tid)
+    out = base if quantized else new(module.tokens * module.fan_out, ctx.compute, grad_out)
+    if module.ia3_output:  # peft scales the output: the unscaled output is saved for the scale's gradient
+        save(out)
+        scaled = new(out.elements, out.width, True)
+        ledger.drop(out.tid)
+        out = scaled
+    if operand is not x:
+        ledger.drop(operand.tid)
+    return out
+
+
+def loss(result, streams, ledger, ctx, last_target: str) -> list[Record]:
+    """Cross-entropy keeps the fp32 log-probabilities; a bare backbone gets the tracer's stand-in loss
+    (the mean square of its outputs), which keeps those outputs."""
+    if "y" in streams:
+        logits, records = streams["y"], []
+        if logits.width != 4:  # half logits are upcast first (by the loss or by autocast's log_softmax)
+            upcast = Value(ledger.new(logits.elements * 4, "activations"), logits.elements, 4, logits.grad)
+            records.append(Record([logits], upcast, [], [], []))
+            logits = upcast
+        logprobs = Value(ledger.new(logits.elements * 4, "activations"), logits.elements, 4, logits.grad)
+        records.append(Record([logits], logprobs, [logprobs.tid], [(logprobs.bytes, "activations")], []))
+        if logits is not streams["y"]:  # the fp32 copy dies once the log-probabilities exist
+            ledger.drop(logits.tid)
+        loss = Value(ledger.new(4, "activations"), 1, 4, True)
+        return records + [Record([logprobs], loss, [], [], [])]
+    outputs = [streams[n] for n in dict.fromkeys((last_target, "p")) if n in streams]
+    loss = Value(ledger.new(4, "activations"), 1, 4, True)
+    return [Record(outputs, loss, [ledger.hold(v.tid) for v in outputs], [(v.bytes, "activations") for v in outputs],
+                    [])]

@@ -13,7 +13,10 @@ it saves, following what torch's derivative formulas save (``tools/autograd/deri
 - attention keeps what the kernel that really runs keeps (``paramcalc.attention``): eager attention and
   torch's math path (sdpa with attention dropout on a CPU) the ``b*heads*q*k`` probabilities and dropout
   mask, the fused kernels only q, k, v, the output and a log-sum-exp per row;
-- the loss keeps the log-probabilities (``tokens*V`` in fp32) for its backward.
+- the loss keeps the log-probabilities (``tokens*V`` in fp32) for its backward;
+- the masks and position biases the model makes once per forward (``paramcalc.masks``) live from the first
+  layer that reads them until the stack returns, and checkpointed layers keep them as arguments; a layer
+  keeps the attention weights eager attention returns until it returns (BLOOM's model: until the next one).
 
 A tensor saved by several ops (the input of q, k and v) is held once. Backward runs the flow in
 reverse: it frees what each op saved, holds the gradients flowing between ops, and allocates weight
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import attention
+from . import attention, masks
 from .errors import ParamcalcError
 from .families import concrete_parameters, families
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
@@ -49,6 +52,7 @@ class _Checkpointed:
     layer: int
     arguments: dict[str, Value]
     records: list[_Record]
+    part: str = ""
 
 
 @dataclass
@@ -121,7 +125,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
             return _Record([], None, [], [], [], op=op)
         if op.endswith(": keep") and _io(op)[0][0] in streams:
             pinned.append(ledger.hold(streams[_io(op)[0][0]].tid))
-        record = _forward(op, streams, ledger, ctx, cache, written)
+        record = _forward(op, streams, ledger, ctx, cache, written, held)
         lookup = op.startswith("->") and op.partition(":")[2].strip() == input_embedding
         if lookup and step.grad_checkpointing and record.output and not record.output.grad:
             # transformers' gradient_checkpointing_enable hooks the input embeddings so that their output
@@ -137,19 +141,35 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     def end_of_layer():
         _release(scope, ledger)
 
+    def end_of_block():
+        _release(scope, ledger)
+        _release(block, ledger)
+        _release(outputs, ledger)  # the previous layer's returned values: the model holds this layer's instead
+        outputs.extend(returned)
+        returned.clear()
+
     scope: list[int] = []
+    block: list[int] = []  # values the layer's own locals hold until it returns (the attention weights)
+    returned: list[int] = []  # values the layer returns, which the model holds until the next layer returns
+    outputs: list[int] = []
+    held = {"return": scope, "block": block, "next block": returned}
 
     for part in parts:
         ops = family.flow.get(part, [])
         layers = _layers(result, part)
         checkpoint = step.grad_checkpointing and layers > 1
+        for spec in family.forward_tensors:  # masks and position biases the model makes for this part's layers
+            made = masks.forward_tensor(spec, ledger, ctx, checkpoint) if spec["part"] == part else None
+            if made:
+                streams[spec["name"]], record = made
+                records.append(record)
         for ctx.layer in range(layers):
             written: set[str] = set()
             if not checkpoint:
                 # the layer's forward holds its arguments (the streams it reads) until it returns
                 arguments = [ledger.hold(streams[n].tid) for n in _reads(ops) if n in streams]
                 records.extend(run(op, written) for op in ops)
-                end_of_layer()
+                end_of_block()
                 for tid in arguments:
                     ledger.drop(tid)
                 continue
@@ -161,13 +181,17 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
                 record = run(op, written)
                 record.release(ledger)
                 layer.append(record)
-            end_of_layer()
+            end_of_block()
             used = {i.tid for record in layer for i in record.inputs}  # the layer keeps only its inputs
             for name, value in list(before.items()):
                 if value.tid not in used:
                     ledger.drop(value.tid)
                     del before[name]
-            records.append(_Checkpointed(ctx.layer, before, layer))
+            records.append(_Checkpointed(ctx.layer, before, layer, part))
+        _release(outputs, ledger)
+        for spec in family.forward_tensors:  # the stack's forward returns: what it made for its layers dies
+            if spec["until"] == part:
+                _forget(streams, spec["name"], ledger)
     loss_records = _loss(result, streams, ledger, ctx, last_target)
     records.extend(loss_records)
     loss = loss_records[-1].output
@@ -185,7 +209,11 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     allocated: dict[str, int | None] = {}
     for item in reversed(records):
         if isinstance(item, _Checkpointed):  # re-run the layer's forward, then go back through it
-            for record in reversed(_recompute(item, ledger, ctx, grad_of)):
+            remade = [ledger.new(value.bytes, "transient") for value in masks.remade(family, item)]
+            rerun = _recompute(item, ledger, ctx, grad_of)
+            for tid in remade:  # the re-run's own locals: they die when it returns
+                ledger.drop(tid)
+            for record in reversed(rerun):
                 _backward(record, ledger, grad_of, allocated, uses)
             for value in item.arguments.values():
                 ledger.drop(value.tid)
@@ -225,19 +253,20 @@ def _recompute(item: _Checkpointed, ledger: _Ledger, ctx: _Context, grad_of: dic
     streams = dict(item.arguments)
     for value in streams.values():
         ledger.hold(value.tid)
-    ctx.layer, scope, cache, written = item.layer, [], [], set()
+    ctx.layer, scope, block, returned, cache, written = item.layer, [], [], [], [], set()
     records = []
     for first in item.records:
         if first.op == SCOPE_END:
             _release(scope, ledger)
             continue
-        record = _forward(first.op, streams, ledger, ctx, cache, written)
+        record = _forward(first.op, streams, ledger, ctx, cache, written,
+                          {"return": scope, "block": block, "next block": returned})
         record.op, record.dead = first.op, first.dead
         if first.output is not None and record.output is not None and first.output.tid in grad_of:
             grad_of[record.output.tid] = grad_of.pop(first.output.tid)
         _let_go(record.dead, streams, scope, ledger)
         records.append(record)
-    for tid in scope + cache:
+    for tid in scope + block + returned + cache:
         ledger.drop(tid)
     for value in streams.values():
         ledger.drop(value.tid)
@@ -268,7 +297,7 @@ def _gradients_by_row(result, step: Step) -> dict[str, list[list[tuple[str, int]
 
 
 def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context, cache: list[int],
-             written: set[str]) -> _Record:
+             written: set[str], held: dict[str, list[int]]) -> _Record:
     flow, _, name = op.partition(":")
     sources, _, target = flow.partition("->")
     names = [s.strip() for s in sources.split(",") if s.strip()]
@@ -311,7 +340,7 @@ def _forward(op: str, streams: dict[str, Value], ledger: _Ledger, ctx: _Context,
     elif name.startswith("attention core"):
         core = ctx.family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
         out = attention.replay(core, inputs, ledger, ctx, new, save,
-                               lambda x, p, keep: _dropout(x, p, ledger, ctx, keep), record, cache)
+                               lambda x, p, keep: _dropout(x, p, ledger, ctx, keep), record, cache, streams, held)
     else:
         module = ctx.modules.get(name.removesuffix(" [tied]"))
         if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5):

@@ -12,10 +12,16 @@ to transformers' default by ``paramcalc.step.resolve_attention``). What then run
   attention dropout is not 0) falls back to torch's math path. Measured with torch 2.13 (allocator events
   and saved-tensor hooks): it upcasts half-precision q, k, v to fp32, multiplies q and k^T by
   ``sqrt(scale)``, copies what ``bmm`` cannot view (the transposed q and k; a contiguous k or v, as GPT-2's
-  key/value cache makes them, is used as it is), adds the mask to the scores when there is one (a causal
-  model's, out of place), and keeps for backward, all in fp32: the q, k and v operands, the softmax output,
-  the dropout noise (a full fp32 tensor) and the dropped probabilities. It returns the output and the
-  probabilities cast back to the input's dtype.
+  key/value cache makes them, is used as it is), adds the float mask to the scores in place (a half one
+  copied to fp32 first; ``is_causal`` makes a ``q x k`` one), and keeps for backward, all in fp32: the q, k
+  and v operands, the softmax output, the dropout noise (a full fp32 tensor) and the dropped probabilities.
+  It returns the output and the probabilities cast back to the input's dtype. A float mask that needs a
+  gradient (T5's position bias when it trains) sends sdpa here without dropout too: torch's fused CPU
+  kernel gives a mask no gradient.
+
+The masks and position biases a model makes once per forward and hands to every layer (a causal mask for
+eager attention, T5's position bias, BLOOM's ALiBi) are ``paramcalc.masks``'s: eager attention adds them to
+the scores out of place, sdpa gets them as its float ``attn_mask``.
 
 Eager attention and the math path are several autograd nodes (matmuls, softmax, dropout, casts), replayed
 as stages of one record: backward runs them in reverse, each allocating its inputs' gradients (a
@@ -30,8 +36,8 @@ Torch-free: the analytic path.
 
 from __future__ import annotations
 
-from . import expr
-from .ledger import Record
+from . import expr, masks
+from .ledger import Record, Value
 
 
 def dropout_of(core: dict, config: dict) -> float:
@@ -39,14 +45,15 @@ def dropout_of(core: dict, config: dict) -> float:
     return float(config.get(core.get("dropout", ""), 0.0) or 0.0)
 
 
-def kernel(step, core: dict, config: dict, device: str) -> str:
-    """What runs for one attention core: eager, math (torch's sdpa fallback) or fused."""
+def kernel(step, core: dict, config: dict, device: str, mask_grad: bool = False) -> str:
+    """What runs for one attention core: eager, math (torch's sdpa fallback) or fused. ``mask_grad``: the float
+    mask sdpa gets (T5's position bias) needs a gradient (``masks.mask_grad``)."""
     if step.attention == "eager":
         return "eager"
     if step.attention == "auto":
         raise ValueError("resolve --attention auto first (paramcalc.step.resolve_attention)")
-    if device == "cpu" and dropout_of(core, config) > 0:
-        return "math"  # torch's CPU flash kernel takes no dropout
+    if device == "cpu" and (dropout_of(core, config) > 0 or mask_grad):
+        return "math"  # torch's CPU flash kernel takes no dropout, and gives a mask no gradient
     return "fused"
 
 
@@ -56,13 +63,18 @@ def runs_note(step, result, device: str) -> str | None:
 
     if result.generic or step.attention == "eager":
         return None
-    cores = families()[result.family].attention
-    math = [core for core in cores if kernel(step, core, result.config, device) == "math"]
+    family = families()[result.family]
+    trains = {c.name for c in result.components if c.trainable}
+    math = [core for core in family.attention
+            if kernel(step, core, result.config, device, masks.mask_grad(core, family, step, trains.__contains__))
+            == "math"]
     if not math:
         return None
     p = dropout_of(math[0], result.config)
-    return (f"with attention dropout ({math[0]['dropout']} = {p:g}) torch runs sdpa on a CPU by its math path, "
-            "which keeps the b*heads*s*s probabilities and dropout mask (in fp32), as eager attention does")
+    why = (f"with attention dropout ({math[0]['dropout']} = {p:g})" if p else
+           f"as the {math[0]['bias']} trains (sdpa's float mask: its fused CPU kernel gives a mask no gradient)")
+    return (f"{why} torch runs sdpa on a CPU by its math path, which keeps the b*heads*s*s probabilities"
+            f"{' and dropout mask' if p else ''} (in fp32), as eager attention does")
 
 
 def shapes(core: dict, values: dict) -> tuple[int, int, int, int, int]:
@@ -71,43 +83,65 @@ def shapes(core: dict, values: dict) -> tuple[int, int, int, int, int]:
             expr.evaluate(core["q_len"], values), expr.evaluate(core["k_len"], values))
 
 
-def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_output: list[int]):
+def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_output: list[int],
+           streams: dict | None = None, held: dict[str, list[int]] | None = None):
     """Allocate and save what the attention core does, in the activations ledger; return its output.
 
     ``new(elements, width, grad)`` allocates a value, ``save(value)`` keeps it for backward, ``dropout``
     replays ``nn.functional.dropout``; values are dropped from ``ledger`` when Python would free them,
-    or added to ``until_output`` when the model's output holds them (its key/value cache). Eager attention
-    and the math path add their ops to ``record.stages``; the fused kernel is one op, saving into ``record``.
+    added to ``until_output`` when the model's output holds them (its key/value cache), or to a list of
+    ``held``: ``return`` when the attention module's locals hold them until it returns, ``block`` when the
+    layer's do (the attention weights eager attention returns, in a local ``_``), ``next block`` when the model
+    keeps what a layer returned until the next layer returns (BLOOM). ``streams`` holds the model's masks and
+    position biases (``paramcalc.masks``): the record reads them (a checkpointed layer keeps them). Eager
+    attention and the math path add their ops to ``record.stages``; the fused kernel is one op, saving into
+    ``record``.
     """
     b, heads, dim, q_len, k_len = shapes(core, ctx.values)
     q, k, v = inputs
-    grad = q.grad or k.grad or v.grad
-    runs = kernel(ctx.step, core, ctx.config, ctx.device)
+    extras = masks.read_by(core, streams or {})
+    record.inputs = [*record.inputs, *extras.values()]
+    bias = extras.get("bias")
+    grad = q.grad or k.grad or v.grad or bool(bias and bias.grad)
+    runs = kernel(ctx.step, core, ctx.config, ctx.device, bool(bias and bias.grad))
     if runs == "eager":
-        if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing \
-                and k.width != ctx.compute:
+        cache = core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing
+        # BLOOM reshapes q, k, v out of its fused projection to [b*heads, s, d]: with one sequence a view
+        # (the matmuls keep the whole projection), with more a copy; k and v out of the cache are contiguous
+        views = [bool(core.get("fused_qkv")) and b == 1] * 3
+        if cache and (k.width != ctx.compute or core.get("fused_qkv")):
             # The key/value cache's copies of k and v are what the matmuls read. Where they already have the
-            # matmuls' dtype they stand in for the copies below; cast (an fp32 4-bit output under autocast)
-            # they are more, alive until the model's output dies.
+            # matmuls' dtype they stand in for the copies below (BLOOM's are read as they are); cast (an fp32
+            # 4-bit output under autocast) they are more, alive until the model's output dies.
             cached = [new(b * k_len * heads * dim, value.width, value.grad) for value in (k, v)]
             for value, copy in zip((k, v), cached):
                 _stage(record, [value], copy, ledger)
             until_output += [value.tid for value in cached]
             inputs = (q, *cached)
-        return _eager(core, b, heads, dim, q_len, k_len, inputs, grad, ledger, ctx, new, dropout, record)
+            views[1:] = [bool(core.get("fused_qkv")) and value.width == ctx.compute for value in cached]
+        held = held or {}
+        return _eager(core, b, heads, dim, q_len, k_len, inputs, grad, ledger, ctx, new, dropout, record,
+                      extras if streams is not None else None, held.get("return") if core.get("scores_held") else None,
+                      held.get(core.get("weights_held", "block")), views)
+    mask, made = None, []
+    if bias is not None:  # sdpa's float attn_mask, made from the bias
+        mask, made = masks.sdpa_mask(core, bias, ledger, ctx, new, lambda *a, **k: _stage(record, *a, ledger, **k))
     cached = []
     if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
         # the model's key/value cache (on unless checkpointing turns it off) concatenates k and v into new,
         # contiguous tensors, and the kernel reads those
         cached = [new(b * k_len * heads * dim, ctx.compute, value.grad) for value in (k, v)]
     if runs == "fused":
-        out = _fused(b, heads, dim, q_len, (q, *cached) if cached else inputs, grad, ledger, ctx, new, save)
+        operands = [*((q, *cached) if cached else inputs), *([mask] if mask is not None else [])]
+        out = _fused(b, heads, dim, q_len, operands, grad, ledger, ctx, new, save)
     else:
         if cached:  # (cat's backward hands each input its slice of the gradient)
             for value, copy in zip((k, v), cached):
                 _stage(record, [value], copy, ledger)
         out = _math(core, b, heads, dim, q_len, k_len, (q, *cached) if cached else inputs, bool(cached), ledger,
-                    new, record)
+                    new, record, dropout_of(core, ctx.config), mask)
+    for value in made:  # the mask's copies die when sdpa_attention_forward returns (unless the kernel kept them)
+        ledger.drop(value.tid)
     until_output += [value.tid for value in cached]  # the cache lives in the model's output
     context = new(b * q_len * heads * dim, out.width, grad)  # heads merged back, [b, q, h*d]: a copy
     if record.stages:
@@ -127,9 +161,11 @@ def _fused(b, heads, dim, q_len, operands, grad, ledger, ctx, new, save):
     return out
 
 
-def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, new, record):
+def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, new, record, p, mask=None):
     """torch's ``_scaled_dot_product_attention_math`` on a CPU, with dropout, op by op. Each op is an autograd
-    node of its own (a stage of ``record``): backward frees what one saved as soon as it has run."""
+    node of its own (a stage of ``record``): backward frees what one saved as soon as it has run. A float
+    ``mask`` is added to the scores in place (in fp32: a half one is copied first); its gradient is the
+    scores' gradient summed over what it broadcasts over."""
     q, k, v = operands  # (GPT-2's are views of one fused projection: sizes come from the core's shape)
     width = q.width
     q_size, kv_size = b * heads * q_len * dim, b * heads * k_len * dim
@@ -154,19 +190,29 @@ def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, ne
     logits = new(scores, 4, qk_grad)
     for value in {id(x): x for x in (q_operand, k_operand, scaled_k)}.values():
         ledger.drop(value.tid)
-    if core.get("fp32_mask", False):  # the model passes a mask (GPT-2: causal), added out of place
-        masked = new(scores, 4, qk_grad)  # (its backward passes the gradient on as it is)
-        ledger.drop(logits.tid)
-        logits = masked
     product.output = logits
+    added = logits  # (is_causal without a mask: a q x k mask, added in place)
+    if mask is not None:
+        mask32 = mask if mask.width == 4 else new(mask.elements, 4, mask.grad)
+        if mask32 is not mask:
+            _stage(record, [mask], mask32, ledger)
+        added = Value(ledger.new(0, "activations"), scores, 4, qk_grad or mask.grad)  # the same storage
+        qk_grad = added.grad
+        _stage(record, [logits, mask32], added, ledger, passes=logits)
+        if mask32 is not mask:
+            ledger.drop(mask32.tid)
     probs = new(scores, 4, qk_grad)
     ledger.drop(logits.tid)
-    _stage(record, [logits], probs, ledger, saves=[probs] * bool(qk_grad))  # softmax saves its output
-    noise = new(scores, 4, False)  # bernoulli_ then div_(1 - p): the mask, as a full fp32 tensor
-    dropped = new(scores, 4, qk_grad)
-    _stage(record, [probs], dropped, ledger, saves=[noise] * bool(qk_grad))
-    ledger.drop(probs.tid)
-    ledger.drop(noise.tid)
+    _stage(record, [added], probs, ledger, saves=[probs] * bool(qk_grad))  # softmax saves its output
+    if added is not logits:
+        ledger.drop(added.tid)
+    dropped = probs
+    if p > 0:  # (a mask that needs a gradient sends sdpa here without dropout too)
+        noise = new(scores, 4, False)  # bernoulli_ then div_(1 - p): the mask, as a full fp32 tensor
+        dropped = new(scores, 4, qk_grad)
+        _stage(record, [probs], dropped, ledger, saves=[noise] * bool(qk_grad))
+        ledger.drop(probs.tid)
+        ledger.drop(noise.tid)
     if half:  # the probabilities it also returns, cast back (the model drops them at once)
         held.append(new(scores, width, False))
     v_operand = v32 if contiguous_kv else new(kv_size, 4, v.grad)  # bmm copies a transposed v
@@ -187,36 +233,57 @@ def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, ne
     return out
 
 
-def _stage(record, inputs, output, ledger, saves=(), scratch: int = 0) -> Record:
+def _stage(record, inputs, output, ledger, saves=(), scratch: int = 0, passes=None) -> Record:
     """One autograd node of an attention core, appended to its record's stages."""
-    stage = Record(list(inputs), output, [], [], [], scratch=scratch)
+    stage = Record(list(inputs), output, [], [], [], scratch=scratch, passes=passes)
     for value in saves:
         _keep(stage, value, ledger)
     record.stages.append(stage)
     return stage
 
 
-def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, dropout, record):
-    """transformers' eager attention, op by op (each op a stage of ``record``, as in ``_math``)."""
+def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, dropout, record, extras=None,
+           held=None, returned=None, views=(False, False, False)):
+    """transformers' eager attention, op by op (each op a stage of ``record``, as in ``_math``). ``extras``: the
+    bias and mask it adds to the scores (None: not replayed, an fp32 mask assumed where the core says so);
+    ``held``: where the scores go when the module's locals keep them until it returns; ``returned``: where the
+    attention weights it returns go (a layer keeps them in a local, ``_``, until it returns or the next
+    attention of the layer returns: under autocast T5's are fp32, not the half copy its matmul keeps);
+    ``views``: which of q, k, v the matmuls read as they are."""
     width = ctx.compute
-    copies = [new(b * length * heads * dim, width, value.grad) for value, length in zip(operands, (q_len, k_len, k_len))]
+    copies = [value if view else new(b * length * heads * dim, width, value.grad)
+              for value, length, view in zip(operands, (q_len, k_len, k_len), views)]
     for value, copy in zip(operands, copies):  # matmul copies the transposed q, k and v
-        _stage(record, [value], copy, ledger)
+        if copy is not value:
+            _stage(record, [value], copy, ledger)
     qc, kc, vc = copies
     product = _stage(record, [qc, kc], None, ledger, saves=[qc] * bool(kc.grad) + [kc] * bool(qc.grad))
     scores = b * heads * q_len * k_len
-    logits = new(scores, width, grad)  # q @ k^T (scaled, masked): alive while the softmax is computed
+    logits = new(scores, width, grad)  # q @ k^T (scaled): alive while the next op is computed
     product.output = logits
-    # The softmax runs in fp32 when the model asks for it (BLOOM), when an fp32 mask or position bias is
+    for role in masks.ROLES if extras else ():  # + bias, + mask: out of place, in the wider dtype of the two
+        if role in extras:
+            extra = extras[role]
+            added = new(scores, max(logits.width, extra.width), logits.grad or extra.grad)
+            _stage(record, [logits, extra], added, ledger, passes=logits if added.width == logits.width else None)
+            if held is not None:
+                held.append(logits.tid)
+            else:
+                ledger.drop(logits.tid)
+            logits = added
+    # The softmax runs in fp32 when the model asks for it (BLOOM), when an fp32 mask or position bias was
     # added to half-precision scores (type promotion), and always under CUDA autocast (softmax is on its
     # fp32 list; CPU autocast leaves it in the input's dtype).
-    fp32_softmax = core.get("softmax_fp32", False) or (
-        ctx.autocast and (ctx.device != "cpu" or core.get("fp32_mask", False)))
-    if fp32_softmax and width != 4:
+    fp32_softmax = core.get("softmax_fp32", False) or (ctx.autocast and (
+        ctx.device != "cpu" or (logits.width == 4 if extras is not None else core.get("fp32_mask", False))))
+    if fp32_softmax and logits.width != 4:
         logits = _cast(record, logits, 4, ledger, new)
-    probs = new(scores, 4 if fp32_softmax else width, grad)
+    probs = new(scores, 4 if fp32_softmax else logits.width, grad)
     _stage(record, [logits], probs, ledger, saves=[probs] * bool(grad))
-    ledger.drop(logits.tid)
+    if held is not None:
+        held.append(logits.tid)
+    else:
+        ledger.drop(logits.tid)
     back = operands[0].width  # the projections' dtype (fp32 out of a 4-bit Linear under autocast)
     if probs.width != back and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(query's dtype)
         probs = _cast(record, probs, back, ledger, new)
@@ -226,12 +293,18 @@ def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, 
         record.stages.remove(stage)
     stage.output = dropped
     ledger.drop(probs.tid)
+    replaced = []
+    if returned is not None:  # what the layer's local held before is let go once this attention returns
+        replaced = returned[:]
+        returned[:] = [ledger.hold(dropped.tid)]
     if dropped.width != width:  # the matmul with v casts the probabilities to half precision itself
         dropped = _cast(record, dropped, width, ledger, new)
     product = _stage(record, [dropped, vc], None, ledger, saves=[dropped] * bool(vc.grad) + [vc] * bool(dropped.grad))
-    for value in (*copies, dropped):
+    for value in (*(copy for copy, value in zip(copies, operands) if copy is not value), dropped):
         ledger.drop(value.tid)
     product.output = new(b * q_len * heads * dim, width, grad)  # heads merged back: a contiguous copy
+    for tid in replaced:
+        ledger.drop(tid)
     return product.output
 
 

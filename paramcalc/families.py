@@ -72,6 +72,9 @@ class Family:
     attention: tuple[dict, ...]  # attention cores: heads, head_dim, q_len, k_len, repeat
     attention_kernels: tuple[str, ...]  # eager / sdpa / flash: what transformers can run for this family
     buffers: tuple[dict, ...]  # non-parameter tensors the model holds (name, shape, bytes per element)
+    # tensors the model's forward makes once and hands to every layer (masks, position biases): what they
+    # hold, when they are made and freed (paramcalc.attention.forward_tensor)
+    forward_tensors: tuple[dict, ...]
     flow: dict  # part -> ordered data flow ["inputs -> output : row"], for which gradients backward computes
     digest: str  # hash of the file text; keys the formula cache
 
@@ -180,6 +183,7 @@ def _parse(path: Path) -> Family:
         adapter_sites=tuple(raw.get("adapter_sites", [])), quant=raw.get("quant", {}),
         tokens=raw.get("tokens", {}), attention=tuple(raw.get("attention", [])),
         attention_kernels=tuple(raw.get("attention_kernels", ["eager"])), buffers=tuple(raw.get("buffers", [])),
+        forward_tensors=tuple(raw.get("forward_tensors", [])),
         flow=raw.get("flow", {}),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )

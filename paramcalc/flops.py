@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import attention, expr
+from . import attention, expr, masks
 from .errors import ParamcalcError
 from .families import families
 from .step import Step, check_fits_model, resolve_attention
@@ -148,7 +148,7 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
         return
     if name.startswith("attention core"):
         written.add(target)
-        needs_grad[target] = _attention(name, inputs, needs_grad, rows, family, values, step, *where)
+        needs_grad[target] = _attention(name, inputs, needs_grad, rows, family, values, step, *where, modules)
         return
     tied_copy = name.endswith(" [tied]")  # the model runs a tied twin: same weight, no PEFT wrapper
     module = modules.get(name.removesuffix(" [tied]"))
@@ -181,12 +181,15 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
     needs_grad[target] = grad_out
 
 
-def _attention(name, inputs, needs_grad, rows, family, values, step: Step, config: dict, device: str) -> bool:
+def _attention(name, inputs, needs_grad, rows, family, values, step: Step, config: dict, device: str,
+               modules) -> bool:
     core = family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
     b, heads, dim, q_len, k_len = attention.shapes(core, values)
     one = 2 * b * heads * q_len * k_len * dim  # one of the two matmuls
     q, k, v = (needs_grad.get(s, False) for s in inputs)
-    if attention.kernel(step, core, config, device) != "fused":
+    mask_grad = masks.mask_grad(core, family, step,
+                                lambda row: getattr(modules.get(_base_name(row)), "weight_trains", False))
+    if attention.kernel(step, core, config, device, mask_grad) != "fused":
         # eager, or torch's math path (sdpa with dropout on a CPU): scores = q @ k^T, out = probs @ v,
         # a gradient per operand that needs one
         backward = one * (q + k + (q or k) + v)

@@ -38,6 +38,7 @@ class Record:
     scratch: int = 0  # bytes of temporaries its backward holds before it returns the input's gradient
     held: int = 0  # bytes its backward holds while it computes the input's gradient (a dequantized weight)
     leaf: bool = False  # its output is a leaf made to need a gradient: the gradient stays as its .grad
+    passes: Value | None = None  # the input an addition hands its output's gradient to, as it is (no copy)
     op: str = ""  # the flow op it ran, and the streams nothing reads after it (to re-run checkpointed layers)
     dead: tuple[str, ...] = ()
     # an op that runs as several autograd nodes (attention's matmuls, softmax, dropout): backward walks them
@@ -116,7 +117,10 @@ def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated:
         held = ledger.new(record.held, "transient") if record.held else None
         for value in record.inputs:
             if value.grad and value.tid not in grad_of:
-                grad_of[value.tid] = ledger.new(value.bytes, "transient")
+                if value is record.passes:
+                    grad_of[value.tid] = ledger.hold(grad_of[out.tid])
+                else:
+                    grad_of[value.tid] = ledger.new(value.bytes, "transient")
         if held is not None:
             ledger.drop(held)
         for name, nbytes in record.weight_grads:

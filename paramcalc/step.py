@@ -19,10 +19,6 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor")
 ATTENTION = ("auto", "eager", "sdpa", "flash")
 KERNELS = ATTENTION[1:]
 POSITIONS_KEY = {"bert": "P", "roberta": "P", "gpt2": "P"}  # families with learned, bounded positions
-# Families whose family file does not (yet) model the kernel transformers 5 builds for them by default:
-# --attention auto takes the family file's kernel there, and says so. (T5's sdpa passes its position bias
-# as a float mask; traced, its CPU math path keeps within 4 % of the eager replay's peak on small configs.)
-NOT_TRANSFORMERS_DEFAULT = {"t5": "sdpa"}
 
 
 @dataclass(frozen=True)
@@ -129,9 +125,5 @@ def attention_note(asked: Step, result) -> str:
     resolved = resolve_attention(asked, result)
     name = result.family if not result.generic else result.hf_class
     why = f"transformers' default for {name}" if asked.attention == "auto" else "as asked"
-    other = NOT_TRANSFORMERS_DEFAULT.get(result.family)
-    if asked.attention == "auto" and other:
-        why = (f"transformers 5 builds {name} with {other}, which paramcalc does not model for it yet; "
-               f"build the model with attn_implementation='{resolved.attention}' to match")
     return f"attention: {resolved.attention} ({why})"
 

@@ -184,21 +184,22 @@ def _family_results():
 
 
 def test_auto_attention_is_what_transformers_builds():
-    """The family files' default kernel (torch-free) against transformers' own choice, on the meta device."""
+    """The family files' default kernel (torch-free) against transformers' own choice, on the meta device:
+    sdpa for BERT, RoBERTa, GPT-2 and T5, eager for BLOOM."""
     import torch
     import transformers
 
     from paramcalc.meta import hf_config
-    from paramcalc.step import NOT_TRANSFORMERS_DEFAULT, default_attention
+    from paramcalc.step import default_attention
 
+    built = {}
     for family, result in _family_results().items():
         with torch.device("meta"):
             model = getattr(transformers, result.hf_class)(hf_config(result.config))
-        built = model.config._attn_implementation
-        assert built == NOT_TRANSFORMERS_DEFAULT.get(family, default_attention(result)), family
-        if family in NOT_TRANSFORMERS_DEFAULT:  # a kernel the family file does not model: auto says so
-            note = attention_note(Step(), result)
-            assert f"builds {family} with {built}" in note and default_attention(result) == "eager"
+        built[family] = model.config._attn_implementation
+        assert built[family] == default_attention(result), family
+        assert attention_note(Step(), result) == f"attention: {built[family]} (transformers' default for {family})"
+    assert built == {"bert": "sdpa", "roberta": "sdpa", "gpt2": "sdpa", "bloom": "eager", "t5": "sdpa"}
 
 
 def test_resolve_attention_and_the_kernel_to_build():

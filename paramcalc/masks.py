@@ -1,0 +1,124 @@
+"""Masks and position biases: tensors a model's forward makes once and hands to every layer's attention.
+
+transformers 5.23 builds them in the model's forward, not in a layer: the causal mask of eager attention
+(``masking_utils.eager_mask``: ``b x 1 x q x k`` in the input embeddings' dtype; for sdpa it is skipped, and
+sdpa is told ``is_causal``; without padding the bidirectional masks are skipped for both kernels), T5's
+relative position bias (``compute_bias``, made by the first block and passed on: ``1 x heads x q x k``),
+BLOOM's ALiBi (``b*heads x 1 x k``). A family file declares each (``[[forward_tensors]]``):
+
+- ``made``: ``mask`` (needs no gradient), ``lookup`` (an embedding lookup of the row ``row``: it needs a
+  gradient when that row trains, and then keeps its ``indices`` (int64) for backward), ``zeros`` (T5's
+  cross-attention bias: a leaf that needs a gradient when ``grad = "checkpointing"`` and checkpointing is on);
+- ``elements``, ``dtype``: ``master`` (the weights' dtype: what an embedding lookup returns under autocast),
+  ``compute`` (autocast's dtype), ``norm`` (what a LayerNorm returns: fp32 under autocast);
+- ``kernels``: the attention kernels the model makes it for (all by default);
+- ``part`` / ``until``: made before the first layer of ``part``, freed when part ``until`` has run (the
+  stack's forward returns); a checkpointed layer keeps what it reads as an argument until its backward.
+
+Each attention core names what it reads: ``bias`` (added to the scores, broadcast over the batch), ``mask``
+(added to the scores), ``reads`` (passed to the layer only). sdpa gets the bias as its float ``attn_mask``,
+made as the core's ``sdpa_mask`` says (transformers' ``create_position_bias_mask``): ``copy`` (``contiguous()``
+of a permuted view), ``causal`` (``torch.where(causal, bias, min)``, which keeps the ``q x k`` boolean
+condition for backward), ``as-is``; under autocast sdpa casts it to half precision (sdpa is on autocast's
+lower-precision list). On a CPU a mask that needs a gradient sends sdpa to its math path: torch's fused CPU
+kernel computes no mask gradient.
+
+Torch-free: the analytic path.
+"""
+
+from __future__ import annotations
+
+from . import expr
+from .ledger import Record, Value
+
+ROLES = ("bias", "mask")  # what an attention core adds to its scores, in this order
+
+
+def spec_of(family, name: str) -> dict:
+    return next(spec for spec in family.forward_tensors if spec["name"] == name)
+
+
+def made_for(spec: dict, attention: str) -> bool:
+    return attention in spec.get("kernels", (attention,))
+
+
+def needs_grad(spec: dict, step, row_trains) -> bool:
+    """Whether the tensor needs a gradient: ``row_trains(row)`` says whether a row's weight trains."""
+    if spec["made"] == "lookup":
+        return row_trains(spec["row"])
+    return spec["made"] == "zeros" and spec.get("grad") == "checkpointing" and step.grad_checkpointing
+
+
+def mask_grad(core: dict, family, step, row_trains) -> bool:
+    """Whether the float mask sdpa gets for ``core`` (its bias) needs a gradient."""
+    name = core.get("bias")
+    return bool(name) and needs_grad(spec_of(family, name), step, row_trains)
+
+
+def forward_tensor(spec: dict, ledger, ctx, checkpointed: bool = False) -> tuple[Value, Record] | None:
+    """The tensor as a value, and the record backward reaches it by (last, as it was made first); None when
+    the model does not make it (another kernel, a row this config does not have). ``checkpointed``: the part's
+    layers are checkpointed (the first makes the tensor, and keeps nothing for backward)."""
+    if not made_for(spec, ctx.step.attention):
+        return None
+    row = _row_key(spec.get("row", ""))
+    if spec["made"] == "lookup" and row not in ctx.modules:
+        return None
+    elements = expr.evaluate(spec["elements"], ctx.values)
+    width = {"master": ctx.master, "compute": ctx.compute, "norm": 4 if ctx.autocast else ctx.master}[spec["dtype"]]
+    grad = needs_grad(spec, ctx.step, lambda name: getattr(ctx.modules.get(_row_key(name)), "weight_trains", False))
+    value = Value(ledger.new(elements * width, "activations"), elements, width, grad)
+    record = Record([], value, [], [], [], leaf=grad and spec["made"] == "zeros")
+    if grad and spec["made"] == "lookup":
+        if not checkpointed:  # embedding's backward keeps the indices (made by a checkpointed layer: not yet)
+            indices = expr.evaluate(spec["indices"], ctx.values) * 8
+            record.saved.append(ledger.new(indices, "activations"))
+            record.saved_sizes.append((indices, "activations"))
+        per_layer = ctx.grads.get(row, [])
+        record.weight_grads = list(per_layer[0]) if per_layer else []
+    return value, record
+
+
+def remade(family, item) -> list[Value]:
+    """What a checkpointed layer's re-run makes again beside what its ops replay: the first layer computes the
+    position biases (``lookup``, ``zeros``). A re-made lookup stands in for the first one, which that layer no
+    longer needs; zeros that need a gradient are a leaf the graph keeps, so the re-made ones are more."""
+    if item.layer != 0:
+        return []
+    return [item.arguments[spec["name"]] for spec in family.forward_tensors
+            if spec["part"] == item.part and spec["made"] == "zeros" and spec["name"] in item.arguments
+            and item.arguments[spec["name"]].grad]
+
+
+def _row_key(name: str) -> str:
+    """How the replay keys a row (``flops._base_name``: rows that bias=all splits end in " weight"/" bias")."""
+    return name.removesuffix(" weight").removesuffix(" bias")
+
+
+def read_by(core: dict, streams: dict) -> dict[str, Value]:
+    """The forward tensors ``core`` reads, by role (bias, mask, and the names it only reads)."""
+    names = {role: core.get(role) for role in ROLES} | {name: name for name in core.get("reads", ())}
+    return {role: streams[name] for role, name in names.items() if name and name in streams}
+
+
+def sdpa_mask(core: dict, bias: Value, ledger, ctx, new, stage) -> tuple[Value, list[Value]]:
+    """The float attn_mask sdpa gets for ``bias``, and the copies made for it (freed when sdpa returns,
+    unless the kernel keeps them). ``stage(inputs, output, passes=None, saves=())`` adds an autograd node."""
+    mask, made = bias, []
+    how = core.get("sdpa_mask", "as-is")
+    if how in ("copy", "causal"):
+        mask = new(bias.elements, bias.width, bias.grad)
+        made.append(mask)
+        if how == "copy":  # contiguous(): its backward hands the gradient on
+            stage([bias], mask, passes=bias)
+        else:  # torch.where keeps its condition: a boolean q x k (broadcast over heads)
+            heads = expr.evaluate(core["heads"], ctx.values)
+            condition = Value(ledger.new(bias.elements // heads, "activations"), bias.elements // heads, 1, False)
+            stage([bias], mask, saves=[condition] * bias.grad)
+            ledger.drop(condition.tid)
+    if ctx.autocast and mask.width != ctx.compute:  # autocast casts sdpa's float inputs
+        cast = new(mask.elements, ctx.compute, mask.grad)
+        stage([mask], cast)
+        made.append(cast)
+        mask = cast
+    return mask, made

@@ -74,7 +74,7 @@ class _Context:
     quantized: dict = field(default_factory=dict)
 
 
-def simulate(result, step: Step, device: str = "cpu") -> Timeline:
+def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False) -> Timeline:
     """Replay one steady-state training step (optimizer state already allocated) and return its timeline."""
     if result.generic:
         raise ParamcalcError("the memory replay needs a family file (bert, roberta, t5, gpt2, bloom); "
@@ -103,6 +103,9 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     ledger = _Ledger()
     ledger.new(states.weights, "weights")
     ledger.new(states.optimizer, "optimizer")
+    if accumulating:  # a micro-batch after the first: the gradients summed so far are alive throughout
+        ledger.accumulating = True
+        ledger.new(states.gradients, "gradients")
     streams: dict[str, Value] = {}
     records: list[_Record | _Checkpointed] = []
     cache: list[int] = []  # autocast's cached weight copies and the key/value cache: alive until the forward ends
@@ -222,7 +225,7 @@ def simulate(result, step: Step, device: str = "cpu") -> Timeline:
     for tid in list(grad_of.values()) + leaves:
         ledger.drop(tid)
     missing = states.gradients - sum(ledger.size[t][0] for t in ledger.size if ledger.size[t][1] == "gradients")
-    if missing > 0:  # trainable tensors no op of the flow reached (e.g. a pooler a task does not run)
+    if missing > 0 and not accumulating:  # trainable tensors no op of the flow reached (e.g. a pooler a task does not run)
         ledger.new(missing, "gradients")
     ledger.phase = "optimizer"
     ledger.new(states.optimizer_transient, "transient")

@@ -88,6 +88,8 @@ def step_options(command):
         click.option("--optimizer", default="adamw", show_default=True,
                      help="adamw, adam, sgd, sgd-momentum, adamw-8bit or adafactor."),
         click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass."),
+        click.option("--grad-accum", type=int, default=1, show_default=True,
+                     help="Micro-batches per optimizer step (gradient accumulation)."),
         click.option("--attention", type=click.Choice(("auto", "eager", "sdpa", "flash")), default="auto",
                      show_default=True, help="auto: what transformers builds (sdpa where the model has it). eager, "
                      "and sdpa with attention dropout on a CPU, keep the s x s probabilities; fused kernels do not."),
@@ -95,6 +97,15 @@ def step_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def make_step(batch, seq, tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention, grad_accum):
+    """The Step that step_options describe (batch defaults to 1)."""
+    from .step import Step
+
+    return Step(batch=1 if batch is None else batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype,
+                mixed_precision=mixed_precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                attention=attention, grad_accum=grad_accum)
 
 
 def _count(model, task, overrides, num_labels, quant, methods):
@@ -131,7 +142,8 @@ def device_options(command):
 @click.option("--verify", is_flag=True,
               help="Build the model on the meta device (and apply peft) and match every parameter to a row.")
 def count_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, batch, seq,
-                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention, device, device_mem, gpus,
+                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, grad_accum, attention, device,
+                  device_mem, gpus,
                   zero, fsdp, fit_batch, as_json, latex, verify):
     """Count the parameters of MODEL: a catalog name, a config.json, or a folder holding one.
 
@@ -156,10 +168,9 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         step_plan = curve = None
         if batch is not None or fit_batch or device or device_mem or gpus != 1 or zero is not None or fsdp:
             from .plan import Parallel, fit_batch as search, plan
-            from .step import Step
 
-            step = Step(batch=1 if batch is None else batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype, mixed_precision=mixed_precision,
-                        optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention)
+            step = make_step(batch, seq, tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention,
+                             grad_accum)
             parallel = Parallel.from_options(gpus, zero, fsdp)
             if fit_batch:
                 best, curve = search(result, step, device, device_mem, parallel)
@@ -177,9 +188,9 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         if step_plan is not None:
             document.update(step_plan.to_dict())
             step = step_plan.step  # --attention auto resolved
-            document["step"] = {"batch": step.batch, "seq": step.seq, "tgt_seq": step.tgt_seq, "dtype": step.dtype,
-                                "mixed_precision": step.mixed_precision, "optimizer": step.optimizer,
-                                "grad_checkpointing": step.grad_checkpointing, "attention": step.attention}
+            from dataclasses import asdict
+
+            document["step"] = asdict(step)
             if curve is not None:
                 document["fit_batch"] = {"batch": step.batch, "curve": [{"batch": b, "peak": p} for b, p in curve]}
         if verification is not None:
@@ -261,7 +272,7 @@ def list_command(as_json):
 @step_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def trace_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, batch, seq,
-                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention, as_json):
+                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, grad_accum, attention, as_json):
     """Run one real training step of MODEL on fake tensors and measure its memory and FLOPs.
 
     Fake tensors have shapes but no data: any size runs in seconds, in no memory. The step's
@@ -279,8 +290,11 @@ def trace_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,
                    "ia3": ia3}
         result = _count(model, task, overrides, num_labels, quant, methods)
-        step = Step(batch=1 if batch is None else batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype, mixed_precision=mixed_precision,
-                    optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention)
+        if grad_accum != 1:
+            raise ParamcalcError("paramcalc trace runs one micro-batch; drop --grad-accum (the plan and "
+                                 "'paramcalc train' model accumulation)")
+        step = make_step(batch, seq, tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention,
+                         grad_accum)
         from .report import trace_comparison
         from .trace import trace_step
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .cli import InputError, _count, model_options, step_options
+from .cli import InputError, _count, make_step, model_options, step_options
 from .errors import ParamcalcError
 
 RUN_FAILED = 3  # exit status: the run failed at run time (out of memory), or would not fit and was not started
@@ -18,7 +18,6 @@ RUN_FAILED = 3  # exit status: the run failed at run time (out of memory), or wo
 @click.option("--steps", type=int, default=5, show_default=True, help="Optimizer steps to run.")
 @click.option("--warmup", type=int, default=1, show_default=True,
               help="Steps before the measured one (the first step creates the optimizer state).")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--device-mem", default=None, metavar="SIZE",
               help="Memory to plan against (default: the device's), e.g. 8GiB; a larger prediction is not started.")
@@ -32,8 +31,8 @@ RUN_FAILED = 3  # exit status: the run failed at run time (out of memory), or wo
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema paramcalc-train/1).")
 @click.option("--out", default=None, metavar="FILE", help="Append the JSON document to FILE as one line.")
 def train_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, batch, seq,
-                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention, steps, warmup,
-                  grad_accum, device, device_mem, weights, data, tokenizer, lr, seed, force, as_json, out):
+                  tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, grad_accum, attention, steps,
+                  warmup, device, device_mem, weights, data, tokenizer, lr, seed, force, as_json, out):
     """Fine-tune MODEL for real (random weights unless --weights), measure its memory and speed, and
     compare them with paramcalc's prediction.
 
@@ -49,7 +48,6 @@ def train_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
     """
     from rich.console import Console
 
-    from .step import Step
     from .train import RunFailed, TrainOptions, train
     from .train_report import append_json_line, comparison_table, prediction_text
 
@@ -58,10 +56,9 @@ def train_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
         methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,
                    "ia3": ia3}
         result = _count(model, task, overrides, num_labels, quant, methods)
-        step = Step(batch=1 if batch is None else batch, seq=seq, tgt_seq=tgt_seq, dtype=dtype,
-                    mixed_precision=mixed_precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                    attention=attention)
-        options = TrainOptions(steps=steps, warmup=warmup, grad_accum=grad_accum, device=device, weights=weights,
+        step = make_step(batch, seq, tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention,
+                         grad_accum)
+        options = TrainOptions(steps=steps, warmup=warmup, device=device, weights=weights,
                                data=data, tokenizer=tokenizer, lr=lr, seed=seed, device_mem=device_mem, force=force)
         progress = _Progress(progress_console, steps, step.batch * step.seq * grad_accum)
         with progress:

@@ -76,6 +76,9 @@ class Ledger:
         self.phase = "forward"
         self.timeline = Timeline()
         self._next = 0
+        # a later micro-batch of gradient accumulation: every .grad exists, and autograd adds each new
+        # gradient into it in place, so a weight's gradient is a transient the size of the weight
+        self.accumulating = False
 
     def new(self, nbytes: int, category: str) -> int:
         if category == "activations" and self.phase != "forward":  # a checkpointed layer's re-run
@@ -129,10 +132,14 @@ def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated:
                 kind = "transient" if uses.get(name, 1) > 1 else "gradients"
                 allocated[name] = ledger.new(nbytes, kind) if kind == "transient" else None
                 if kind == "gradients":
-                    ledger.new(nbytes, kind)
+                    if ledger.accumulating:
+                        ledger.drop(ledger.new(nbytes, "transient"))
+                    else:
+                        ledger.new(nbytes, kind)
             elif allocated[name] is not None:  # the second gradient, summed out of place into .grad
                 second = ledger.new(nbytes, "transient")
-                ledger.new(nbytes, "gradients")
+                if not ledger.accumulating:
+                    ledger.new(nbytes, "gradients")
                 ledger.drop(second)
                 ledger.drop(allocated[name])
                 allocated[name] = None

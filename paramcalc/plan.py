@@ -201,6 +201,9 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
     if result.generic:
         states, at_peak, phases, flops, why = _traced(result, step, chosen)
         notes.append(why)
+        if step.grad_accum > 1:
+            notes.append("the trace is of one micro-batch: later micro-batches also hold the gradients summed so "
+                         f"far ({states.gradients:,} B more)")
         source = "trace"
     else:
         states, at_peak, phases, flops = _replayed(result, step, chosen, notes)
@@ -239,6 +242,11 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
 
     states = model_states(result, step)
     timeline = activations.simulate(result, step, device=chosen.kind)
+    if step.grad_accum > 1:  # a later micro-batch runs with every gradient alive: the step's peak is the higher
+        later = activations.simulate(result, step, device=chosen.kind, accumulating=True)
+        phases = {k: max(v, later.phase_peaks.get(k, 0)) for k, v in timeline.phase_peaks.items()}
+        timeline = later if later.peak > timeline.peak else timeline
+        timeline.phase_peaks = phases
     flops = None
     methods = {m for m, _ in result.peft_options}
     if not (methods & set(UNMODELLED)) and not any(getattr(o, "dora", False) for _, o in result.peft_options):
@@ -300,10 +308,10 @@ def _throughput(flops: dict, states, step: Step, chosen: Profile, result) -> dic
                 "why": "no FLOP rate for this device: run 'paramcalc calibrate' or name a GPU with --device"}
     # matmuls at the achieved rate, plus the optimizer pass streaming the model states through memory
     # (read weights, gradients and state, write weights and state)
-    compute_s = flops["total"] / chosen.flops_per_s
+    compute_s = step.grad_accum * flops["total"] / chosen.flops_per_s  # one forward+backward per micro-batch
     memory_s = (2 * states.weights + states.gradients + 2 * states.optimizer) / chosen.bandwidth
     step_s = compute_s + memory_s
-    tokens = step.batch * step.symbols(result.task)["s"]
+    tokens = step.grad_accum * step.batch * step.symbols(result.task)["s"]
     return {"tokens_per_s": tokens / step_s, "step_s": step_s, "profile": chosen.name, "source": chosen.source}
 
 

@@ -31,9 +31,10 @@ class Step:
     optimizer: str = "adamw"
     grad_checkpointing: bool = False
     attention: str = "auto"  # resolve_attention: what transformers builds for the model
+    grad_accum: int = 1  # micro-batches per optimizer step: gradients stay alive through the later forwards
 
     def __post_init__(self):
-        for name in ("batch", "seq") + (("tgt_seq",) if self.tgt_seq is not None else ()):
+        for name in ("batch", "seq", "grad_accum") + (("tgt_seq",) if self.tgt_seq is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ParamcalcError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")

@@ -39,7 +39,6 @@ class RunFailed(Exception):
 class TrainOptions:
     steps: int = 5
     warmup: int = 1
-    grad_accum: int = 1
     device: str = "cpu"
     weights: str | None = None
     data: str | None = None
@@ -50,10 +49,8 @@ class TrainOptions:
     force: bool = False
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParamcalcError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ParamcalcError(f"--steps must be a positive integer, got {self.steps!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ParamcalcError(f"--warmup must be 0 or more, got {self.warmup!r}")
         if self.warmup >= self.steps:
@@ -149,14 +146,6 @@ def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[di
     buckets = step_plan.memory.get("ddp_buckets", 0)  # alive through every phase
     memory = {**step_plan.memory, "phases": {k: v + buckets for k, v in step_plan.phase_peaks.items()}}
     throughput = step_plan.throughput or {}
-    if throughput.get("step_s") and options.grad_accum > 1:  # K forward+backward passes, one optimizer step
-        compute_s = step_plan.flops["total"] / step_plan.profile.flops_per_s
-        step_s = throughput["step_s"] + (options.grad_accum - 1) * compute_s
-        tokens = throughput["tokens_per_s"] * throughput["step_s"] * options.grad_accum
-        throughput = {**throughput, "step_s": step_s, "tokens_per_s": tokens / step_s}
-    if options.grad_accum > 1:
-        notes.append("the memory prediction is for one micro-batch; with gradient accumulation the gradients "
-                     "of earlier micro-batches stay alive through later forwards")
     return {"memory": memory, "throughput": {k: throughput.get(k) for k in ("tokens_per_s", "step_s")},
             "flops": step_plan.flops, "device_memory": step_plan.profile.memory, "fits": step_plan.fits(),
             "profile": step_plan.profile.name, "phase_of_peak": step_plan.phase_of_peak, "source": step_plan.source,
@@ -247,7 +236,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
                 with meter.recording() if measured and late else contextlib.nullcontext():
                     with meter.phase("step") if measured else contextlib.nullcontext():
                         with timer.step() if measured else contextlib.nullcontext():
-                            loss = _step(model, optimizer, accelerator, batches, options, meter.phase)
+                            loss = _step(model, optimizer, accelerator, batches, step, meter.phase)
                 losses.append(loss)
                 if on_step:
                     on_step(index, loss, timer.seconds[-1] if measured else None)
@@ -258,7 +247,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
         timer.seconds.clear()
         for index in range(options.warmup + 1, options.steps):
             with timer.step():
-                losses.append(_step(model, optimizer, accelerator, batches, options, _no_phase))
+                losses.append(_step(model, optimizer, accelerator, batches, step, _no_phase))
             if on_step:
                 on_step(index, losses[-1], timer.seconds[-1])
     except Exception as exc:
@@ -273,7 +262,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     if not timer.seconds:
         report.notes.append("only one step after warm-up: its time includes the memory profiler's overhead "
                             "(use more --steps)")
-    tokens = step.batch * step.seq * options.grad_accum
+    tokens = step.batch * step.seq * step.grad_accum
     step_s = statistics.median(seconds)
     memory["resident"] = resident_bytes()
     report.measured.update({"memory": memory, "step_s": step_s, "tokens_per_s": tokens / step_s,
@@ -322,7 +311,7 @@ def _prepare(result, step, options: TrainOptions, make_optimizer, batches):
         torch.cuda.set_device(int(options.device.partition(":")[2] or 0))  # accelerate places on the current GPU
     try:
         accelerator = Accelerator(cpu=options.kind == "cpu", mixed_precision=step.mixed_precision or "no",
-                                  gradient_accumulation_steps=options.grad_accum)
+                                  gradient_accumulation_steps=step.grad_accum)
     except (ValueError, RuntimeError) as exc:
         raise ParamcalcError(f"accelerate cannot run this step: {str(exc).splitlines()[0][:200]}") from None
     device = accelerator.device if options.kind == "cpu" else options.device
@@ -336,10 +325,10 @@ def _prepare(result, step, options: TrainOptions, make_optimizer, batches):
     return model, optimizer, accelerator
 
 
-def _step(model, optimizer, accelerator, batches, options: TrainOptions, phase) -> float:
+def _step(model, optimizer, accelerator, batches, step, phase) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
     total = 0.0
-    for micro in range(options.grad_accum):
+    for micro in range(step.grad_accum):
         batch = {k: v.to(accelerator.device) for k, v in batches.next().items()}
         with accelerator.accumulate(model):
             with phase("forward"):
@@ -349,11 +338,11 @@ def _step(model, optimizer, accelerator, batches, options: TrainOptions, phase) 
                 accelerator.backward(loss)
             total += loss.item()
             del loss
-            if micro == options.grad_accum - 1:
+            if micro == step.grad_accum - 1:
                 with phase("optimizer"):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-    return total / options.grad_accum
+    return total / step.grad_accum
 
 
 def _release_accelerator() -> None:

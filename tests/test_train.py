@@ -70,10 +70,23 @@ def test_real_steps_match_the_prediction_and_train_exactly_the_trainable_rows(fa
     assert report.verdict() == "within tolerance"
 
 
+@pytest.mark.parametrize("method", [None, "lora:r=4"])
+def test_gradient_accumulation_holds_the_gradients_through_later_micro_batches(method):
+    """A later micro-batch runs its forward with every gradient summed so far alive."""
+    config, task = TINY["gpt2"]
+    result = paramcalc.count(config, task=task, peft=method, formulas=False)
+    single, _, _ = run(result, Step(batch=2, seq=32))
+    accumulated, _, _ = run(result, Step(batch=2, seq=32, grad_accum=2))
+    assert abs(accumulated.errors()["peak"]) <= TOLERANCE, accumulated.errors()
+    if method is None:  # full fine-tuning: the gradients are as large as the weights, and the peak shows it
+        grown = accumulated.measured["memory"]["peak"] - single.measured["memory"]["peak"]
+        assert grown > 0.5 * 4 * result.trainable_params
+
+
 def test_mixed_precision_checkpointing_and_accumulation_run_and_are_judged():
     config, task = TINY["gpt2"]
     result = paramcalc.count(config, task=task, peft="lora:r=4", formulas=False)
-    report, _, _ = run(result, Step(batch=2, seq=32, mixed_precision="bf16", grad_checkpointing=True), grad_accum=2)
+    report, _, _ = run(result, Step(batch=2, seq=32, mixed_precision="bf16", grad_checkpointing=True, grad_accum=2))
     assert abs(report.errors()["peak"]) <= TOLERANCE
     assert report.measured["loss"][-1] < report.measured["loss"][0]
     document = report.to_dict()

@@ -143,6 +143,8 @@ def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_ou
     for value in made:  # the mask's copies die when sdpa_attention_forward returns (unless the kernel kept them)
         ledger.drop(value.tid)
     until_output += [value.tid for value in cached]  # the cache lives in the model's output
+    if runs == "fused":  # the fused kernels write [b, q, heads, d]: merging the heads back is a view
+        return out
     context = new(b * q_len * heads * dim, out.width, grad)  # heads merged back, [b, q, h*d]: a copy
     if record.stages:
         _stage(record, [out], context, ledger)

@@ -24,7 +24,7 @@ import os
 from .errors import ParamcalcError
 from .quant import BLOCK
 
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from .runtime import TORCH_DTYPES
 
 
 def bnb_config(options):

@@ -49,7 +49,8 @@ def hf_config_for(result, step, device: str = "cpu", batches=None):
 
 
 @contextlib.contextmanager
-def _default_dtype(name: str):
+def default_dtype(name: str):
+    """Build new tensors in ``name`` (fp32, fp16, bf16) inside the block, as a model built in that dtype."""
     import torch
 
     before = torch.get_default_dtype()
@@ -82,7 +83,7 @@ def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", 
             model = cls.from_pretrained(str(check_weights_dir(weights)), config=hf, local_files_only=True,
                                         dtype=getattr(torch, TORCH_DTYPES[step.dtype]))
         else:
-            with _default_dtype(step.dtype):
+            with default_dtype(step.dtype):
                 model = cls(hf)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         if type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc):

@@ -186,18 +186,15 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
     if result.task == "seq-cls" and getattr(hf, "pad_token_id", None) is None:
         hf.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding; any id does on fake data
     hf._attn_implementation = attn_implementation(step, "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weights_dtype(result, step)]
+    from .runtime import default_dtype
+
     tracker = _live_storage_tracker()
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the step's dtype
-    try:
-        with torch.device("meta"):  # build and apply peft on meta, then give every tensor a fake twin
+    try:  # build in the step's dtype, on meta; apply peft there, then give every tensor a fake twin
+        with default_dtype(weights_dtype(result, step)), torch.device("meta"):
             model = getattr(transformers, result.hf_class)(hf)
     except ValueError as exc:  # e.g. BLOOM has no sdpa path
         raise ParamcalcError(f"transformers cannot build {result.hf_class} this way: "
                              f"{str(exc).splitlines()[0][:200]}") from None
-    finally:
-        torch.set_default_dtype(default_dtype)
     if result.quant:  # bitsandbytes modules, as from_pretrained(quantization_config=...) makes them
         quantized.quantize_on_meta(model, result.quant.options)
         notes.append(f"{result.quant.options.type} weights quantized by bitsandbytes on fake tensors; its 4-bit "

@@ -142,14 +142,13 @@ def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[di
         step_plan = plan(result, step, device, device_mem, Parallel(processes) if processes > 1 else None)
     except ParamcalcError as exc:
         return None, [f"no prediction: {exc}"]
-    notes = []
     buckets = step_plan.memory.get("ddp_buckets", 0)  # alive through every phase
     memory = {**step_plan.memory, "phases": {k: v + buckets for k, v in step_plan.phase_peaks.items()}}
     throughput = step_plan.throughput or {}
     return {"memory": memory, "throughput": {k: throughput.get(k) for k in ("tokens_per_s", "step_s")},
             "flops": step_plan.flops, "device_memory": step_plan.profile.memory, "fits": step_plan.fits(),
             "profile": step_plan.profile.name, "phase_of_peak": step_plan.phase_of_peak, "source": step_plan.source,
-            "notes": step_plan.notes + ([throughput["why"]] if throughput.get("why") else [])}, notes
+            "notes": step_plan.notes + ([throughput["why"]] if throughput.get("why") else [])}, []
 
 
 def _plan_device(options: TrainOptions) -> tuple[str, str | None]:
@@ -157,7 +156,8 @@ def _plan_device(options: TrainOptions) -> tuple[str, str | None]:
     if options.kind == "cpu":
         from .measure import physical_memory
 
-        return "cpu", options.device_mem or (f"{physical_memory()}B" if physical_memory() else None)
+        ram = physical_memory()
+        return "cpu", options.device_mem or (f"{ram}B" if ram else None)
     import torch
 
     from .calibrate import default_name
@@ -173,12 +173,6 @@ def _plan_device(options: TrainOptions) -> tuple[str, str | None]:
              "a10": "a10g", "t4": "t4"}
     profile = next((v for k, v in known.items() if k in name), "a100-80gb")
     return profile, options.device_mem or f"{total}B"
-
-
-def _loss(output):
-    from .trace import _loss as stand_in
-
-    return stand_in(output)
 
 
 def train(result, step, options: TrainOptions, on_prediction=None, on_step=None, on_model=None) -> TrainReport:
@@ -327,6 +321,8 @@ def _prepare(result, step, options: TrainOptions, make_optimizer, batches):
 
 def _step(model, optimizer, accelerator, batches, step, phase) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+    from .trace import _loss  # the task's loss, or trace's stand-in over a bare backbone's outputs
+
     total = 0.0
     for micro in range(step.grad_accum):
         batch = {k: v.to(accelerator.device) for k, v in batches.next().items()}

@@ -81,7 +81,7 @@ def _adapter_names(model) -> list[str]:
 def test_real_adapters_start_as_the_base_model_and_all_of_them_learn(family, spec):
     import torch
 
-    from paramcalc.train import _loss
+    from paramcalc.trace import _loss
 
     result, model, batch = _build(family, spec)
     _, base, _ = _build(family, spec, adapters=False)  # the same seed: the same base weights
@@ -218,7 +218,7 @@ def test_checkpointing_recomputes_the_same_adapter_gradients(family):
 
     from paramcalc.runtime import build_model
     from paramcalc.step import Step, resolve_attention
-    from paramcalc.train import _loss
+    from paramcalc.trace import _loss
 
     grads = []
     for checkpointing in (False, True):

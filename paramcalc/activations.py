@@ -74,8 +74,9 @@ class _Context:
     quantized: dict = field(default_factory=dict)
 
 
-def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False) -> Timeline:
-    """Replay one steady-state training step (optimizer state already allocated) and return its timeline."""
+def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False, curve: bool = False) -> Timeline:
+    """Replay one steady-state training step (optimizer state already allocated) and return its timeline;
+    ``curve=True`` also keeps the bytes alive after every allocation and free (``Timeline.curve``)."""
     if result.generic:
         raise ParamcalcError("the memory replay needs a family file (bert, roberta, t5, gpt2, bloom); "
                              "paramcalc.plan traces other models instead")
@@ -101,6 +102,7 @@ def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False
             if c.trainable and c.group != "peft" and "bias" in c.shapes and _base_name(c.name) in ctx.quantized:
                 ctx.quantized[_base_name(c.name)] = True
     ledger = _Ledger()
+    ledger.timeline.curve = [] if curve else None
     ledger.new(states.weights, "weights")
     ledger.new(states.optimizer, "optimizer")
     if accumulating:  # a micro-batch after the first: the gradients summed so far are alive throughout

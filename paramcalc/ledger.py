@@ -63,6 +63,8 @@ class Timeline:
     phase_of_peak: str = ""
     at_peak: dict[str, int] = field(default_factory=dict)
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    # (phase, bytes alive) after every allocation and free, in replay order, when asked for (simulate(curve=True))
+    curve: list[tuple[str, int]] | None = None
 
 
 class Ledger:
@@ -92,6 +94,8 @@ class Ledger:
         timeline.phase_peaks[self.phase] = max(timeline.phase_peaks.get(self.phase, 0), self.current)
         if self.current > timeline.peak:
             timeline.peak, timeline.phase_of_peak, timeline.at_peak = self.current, self.phase, dict(self.totals)
+        if timeline.curve is not None:
+            timeline.curve.append((self.phase, self.current))
         return tid
 
     def hold(self, tid: int) -> int:
@@ -105,6 +109,8 @@ class Ledger:
             del self.refs[tid]
             self.totals[category] -= nbytes
             self.current -= nbytes
+            if self.timeline.curve is not None:
+                self.timeline.curve.append((self.phase, self.current))
 
 
 def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated: dict[str, int | None],

@@ -19,7 +19,9 @@ thread often drops it last), so in data-parallel processes only the measured ste
 A measured step is split into phases (``forward``, ``backward``, ``optimizer``; a step with gradient
 accumulation runs forward and backward several times, and a phase's peak is its highest). ``before``
 is what is alive when the measured step starts: the model states (weights, optimizer state) and
-whatever else the process keeps between steps.
+whatever else the process keeps between steps. On a CPU ``CpuMeter.timeline()`` gives the whole curve
+of the measured step (``StepTimeline``: bytes alive after every allocation and free, and the phases'
+spans); CUDA's counters have no such curve (``CudaMeter.timeline()`` is None).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 
 PHASES = ("forward", "backward", "optimizer")
 _LABEL = "paramcalc::"
@@ -89,9 +92,9 @@ class CpuMeter:
         with self.phase(name):
             pass
 
-    def summary(self) -> dict:
-        """{before, peak, forward, backward, optimizer, and each mark}: bytes alive before the measured step,
-        its peak, each phase's peak (None for a phase that did not run) and the bytes alive at each mark."""
+    def _read(self):
+        """The recorded ``[memory]`` deltas as (ns, bytes) in time order, the marked ranges by name, and the
+        measured step's (start, end)."""
         if self._events is None:
             raise RuntimeError("nothing was recorded")
         deltas, ranges = [], {}
@@ -104,7 +107,12 @@ class CpuMeter:
         deltas.sort()
         if "step" not in ranges:
             raise RuntimeError("no measured step was marked")
-        step_start, step_end = ranges["step"][-1]
+        return deltas, ranges, ranges["step"][-1]
+
+    def summary(self) -> dict:
+        """{before, peak, forward, backward, optimizer, and each mark}: bytes alive before the measured step,
+        its peak, each phase's peak (None for a phase that did not run) and the bytes alive at each mark."""
+        deltas, ranges, (step_start, step_end) = self._read()
         windows = {phase: [r for r in ranges.get(phase, []) if step_start <= r[0] <= step_end] for phase in PHASES}
         peaks = dict.fromkeys(PHASES)
         marks = {name: spans[0][0] for name, spans in ranges.items() if name not in PHASES and name != "step"}
@@ -127,6 +135,47 @@ class CpuMeter:
                     peaks[phase] = max(peaks[phase] or 0, alive)
         figures = {"before": before, "peak": max(step_peak, before), **peaks, **at_mark}
         return {k: None if v is None else v + self.offset for k, v in figures.items()}
+
+    def timeline(self) -> StepTimeline:
+        """The measured step's memory curve: bytes alive after every allocation and free, in ns since the step
+        started, and its phases' spans. Its maximum is ``summary()["peak"]``, its first point ``before``."""
+        deltas, ranges, (step_start, step_end) = self._read()
+        alive = sum(delta for when, delta in deltas if when < step_start) + self.offset
+        points = [(0, alive)]
+        for when, delta in deltas:
+            if step_start <= when <= step_end:
+                alive += delta
+                points.append((when - step_start, alive))
+        phases = sorted((start - step_start, end - step_start, phase) for phase in PHASES
+                        for start, end in ranges.get(phase, []) if step_start <= start <= step_end)
+        return StepTimeline(points, [(phase, start, end) for start, end, phase in phases], step_end - step_start)
+
+
+@dataclass
+class StepTimeline:
+    """The bytes alive through one measured step (CPU only: CUDA has no allocator event stream).
+
+    ``points``: (ns since the step started, bytes alive just after that allocation or free), the first
+    point being what is alive when the step starts; ``phases``: (name, start ns, end ns) of each forward,
+    backward and optimizer span, in order (a step with gradient accumulation has several).
+    """
+
+    points: list[tuple[int, int]]
+    phases: list[tuple[str, int, int]]
+    duration_ns: int
+
+    @property
+    def peak(self) -> int:
+        return max(alive for _, alive in self.points)
+
+    @property
+    def before(self) -> int:
+        return self.points[0][1]
+
+    @property
+    def after(self) -> int:
+        """What is alive when the step has ended: the next step's ``before``."""
+        return self.points[-1][1]
 
 
 class CudaMeter:
@@ -172,6 +221,10 @@ class CudaMeter:
             self._peaks[name] = max(self._peaks.get(name, 0), peak)
             if name != "step":  # the step's peak is the highest of its phases' (each reset the counter)
                 self._peaks["step"] = max(self._peaks.get("step", 0), peak)
+
+    def timeline(self) -> None:
+        """None: CUDA keeps counters (allocated, peak), not a stream of allocations to draw a curve from."""
+        return None
 
     def summary(self) -> dict:
         import torch

@@ -77,6 +77,8 @@ class TrainReport:
     predicted: dict | None
     measured: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # the measured step's memory curve (measure.StepTimeline) on a CPU, None on CUDA; not part of the JSON
+    timeline: object = field(default=None, repr=False, compare=False)
 
     @property
     def tolerance(self) -> float:
@@ -180,7 +182,8 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
 
     ``on_prediction(report)`` is called before training starts, ``on_step(index, loss, seconds)`` after
     each step, ``on_model(model)`` with the trained model (the weights are seeded: ``runtime.build_model``
-    with the same seed gives the model as it started). Raises ``RunFailed`` (out of memory, or a predicted peak above the
+    with the same seed gives the model as it started). ``report.timeline`` is the measured step's memory curve
+    (``measure.StepTimeline``; None on CUDA). Raises ``RunFailed`` (out of memory, or a predicted peak above the
     device's memory without ``force``) with the report so far.
     """
     from .data import make_batches
@@ -234,7 +237,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
                 losses.append(loss)
                 if on_step:
                     on_step(index, loss, timer.seconds[-1] if measured else None)
-        memory = meter.summary()
+        memory, report.timeline = meter.summary(), meter.timeline()
         if late:
             memory["loaded"] = loaded
         under_profiler = timer.seconds[:]

@@ -35,11 +35,60 @@ def test_cpu_meter_counts_every_allocation_byte_for_byte():
     del kept, gradient
 
 
+def test_cpu_meter_timeline_is_the_curve_the_summary_reads():
+    """Every allocation and free of the step, in order: the same bytes the summary's figures come from."""
+    meter = CpuMeter()
+    with meter.recording():
+        kept = torch.empty(MIB, dtype=torch.uint8)
+        with meter.phase("step"):
+            with meter.phase("forward"):
+                saved = torch.empty(3 * MIB, dtype=torch.uint8)
+                scratch = torch.empty(2 * MIB, dtype=torch.uint8)
+                del scratch
+            with meter.phase("backward"):
+                gradient = torch.empty(MIB, dtype=torch.uint8)
+                del saved
+            with meter.phase("optimizer"):
+                state = torch.empty(4 * MIB, dtype=torch.uint8)
+                del state
+        after = torch.empty(8 * MIB, dtype=torch.uint8)  # recorded, but after the step: not on its curve
+    summary, timeline = meter.summary(), meter.timeline()
+    alive = [b for _, b in timeline.points]
+    assert alive == [MIB * n for n in (1, 4, 6, 4, 5, 2, 6, 2)]
+    assert timeline.peak == max(alive) == summary["peak"]
+    assert timeline.before == summary["before"] == MIB
+    assert timeline.after == 2 * MIB  # kept + gradient: what the step leaves alive
+    times = [t for t, _ in timeline.points]
+    assert times[0] == 0 and times == sorted(times) and times[-1] <= timeline.duration_ns
+    assert [name for name, _, _ in timeline.phases] == ["forward", "backward", "optimizer"]
+    spans = [t for _, start, end in timeline.phases for t in (start, end)]
+    assert spans == sorted(spans) and 0 <= spans[0] and spans[-1] <= timeline.duration_ns
+    for name, start, end in timeline.phases:  # each phase's peak is the curve's highest point inside it
+        assert max(b for t, b in timeline.points if start <= t <= end) == summary[name]
+    del kept, gradient, after
+
+
+def test_cpu_meter_timeline_sits_on_top_of_the_offset():
+    """Data-parallel processes record the step alone, on top of what the model holds (``offset``)."""
+    meter = CpuMeter()
+    meter.offset = 10 * MIB
+    with meter.recording():
+        with meter.phase("step"):
+            with meter.phase("forward"):
+                scratch = torch.empty(MIB, dtype=torch.uint8)
+                del scratch
+    timeline = meter.timeline()
+    assert [b for _, b in timeline.points] == [10 * MIB, 11 * MIB, 10 * MIB]
+    assert timeline.peak == meter.summary()["peak"] == 11 * MIB
+
+
 def test_cpu_meter_phases_outside_recording_cost_nothing():
     meter = CpuMeter()
     assert isinstance(meter.phase("forward"), contextlib.nullcontext)
     with pytest.raises(RuntimeError):
         meter.summary()
+    with pytest.raises(RuntimeError):
+        meter.timeline()
 
 
 def test_cuda_meter_resets_the_peak_per_phase(monkeypatch):
@@ -79,6 +128,7 @@ def test_cuda_meter_resets_the_peak_per_phase(monkeypatch):
     assert summary["before"] == summary["loaded"] == 100
     assert (summary["forward"], summary["backward"], summary["optimizer"]) == (150, 180, 130)
     assert summary["peak"] == 180
+    assert meter.timeline() is None  # counters, not an event stream: no curve on CUDA
 
 
 @pytest.mark.parametrize(("error", "expected"), [
@@ -90,3 +140,33 @@ def test_cuda_meter_resets_the_peak_per_phase(monkeypatch):
 ])
 def test_out_of_memory_is_recognised(error, expected):
     assert is_out_of_memory(error) is expected
+
+
+def test_a_training_run_carries_its_measured_step_timeline_outside_the_json():
+    """The trainer's report holds the curve of its measured step; the JSON document stays as it was."""
+    import json
+
+    import paramcalc
+    from paramcalc.activations import simulate
+    from paramcalc.step import Step
+    from paramcalc.train import TrainOptions, train
+    from tiny import TINY
+
+    config, task = TINY["gpt2"]
+    result = paramcalc.count(config, task=task, formulas=False)
+    step = Step(batch=2, seq=32)
+    report = train(result, step, TrainOptions(steps=2, lr=5e-3))
+    memory, timeline = report.measured["memory"], report.timeline
+    assert timeline.peak == memory["peak"] and timeline.before == memory["before"]
+    # a steady step (optimizer state made in warm-up, gradients set to None) leaves what it found
+    assert timeline.after == memory["before"]
+    assert {name for name, _, _ in timeline.phases} == {"forward", "backward", "optimizer"}
+    for name, start, end in timeline.phases:
+        assert max(b for t, b in timeline.points if start <= t <= end) == memory[name]
+    document = report.to_dict()
+    assert "timeline" not in document and "timeline" not in json.dumps(document)
+    # the replay's curve, op by op: its highest point is the predicted peak (one CPU process: no overhead)
+    predicted = simulate(result, step, device="cpu", curve=True)
+    assert max(b for _, b in predicted.curve) == predicted.peak == report.predicted["memory"]["peak"]
+    assert [phase for phase, _ in predicted.curve][-1] == "optimizer"
+    assert simulate(result, step, device="cpu").curve is None  # not kept unless asked for

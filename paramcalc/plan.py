@@ -221,6 +221,9 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
               "activations": at_peak["activations"], "transient": at_peak["transient"], "overhead": overhead,
               "peak": peak, "band": [int(peak * BAND[0]), int(peak * BAND[1])]}
     formulas = _formulas(step, parallel)
+    all_gradients = parallel.shard(0, states.gradients, 0)[1]
+    if gradients < all_gradients:  # a peak inside backward: only the gradients computed so far are alive
+        formulas["gradients"] += f" = {all_gradients:,} B by the end of backward; alive at the peak: those computed so far"
     if result.quant:
         formulas["weights"] = formulas["weights"].replace("params x bytes(dtype)", "quantized weights as stored "
                                                           "(packed values + scales) + other params x bytes(dtype)")
@@ -331,8 +334,8 @@ def _formulas(step: Step, parallel: Parallel) -> dict[str, str]:
     }
 
 
-def fit_batch(result, step: Step, device: str | None, device_mem: str | None, parallel: Parallel | None = None,
-              limit: int = 4096) -> tuple[int, list[tuple[int, int]]]:
+def fit_batch(result, step: Step, device: str | None = None, device_mem: str | None = None,
+              parallel: Parallel | None = None, limit: int = 4096) -> tuple[int, list[tuple[int, int]]]:
     """The largest batch whose predicted peak fits, and the (batch, peak) curve it was found on."""
     from dataclasses import replace
 

@@ -23,7 +23,8 @@ GIB = 1024**3
 # and fp32, memory bandwidth in bytes/s. Sources: NVIDIA product datasheets (T4, A10, L4, A100, H100 SXM).
 # AWS publishes no A10G datasheet; it is the A10's GA102 chip, so the A10 figures stand in for it.
 DEVICES = {
-    "t4": {"memory": 16 * 10**9, "half": 65e12, "fp32": 8.1e12, "bandwidth": 320e9, "kind": "cuda"},
+    # the T4 (Turing) has fp16 tensor cores but none for bf16: its datasheet gives no bf16 rate
+    "t4": {"memory": 16 * 10**9, "half": 65e12, "fp32": 8.1e12, "bandwidth": 320e9, "kind": "cuda", "bf16": False},
     "a10g": {"memory": 24 * 10**9, "half": 125e12, "fp32": 31.2e12, "bandwidth": 600e9, "kind": "cuda"},
     "l4": {"memory": 24 * 10**9, "half": 121e12, "fp32": 30.3e12, "bandwidth": 300e9, "kind": "cuda"},
     "a100-40gb": {"memory": 40 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 1555e9, "kind": "cuda"},
@@ -86,8 +87,11 @@ def profile(name: str | None, step: Step, device_mem: str | None = None) -> Prof
     if name in DEVICES:
         spec = DEVICES[name]
         rate = spec["half" if half else "fp32"]
+        source = "datasheet" if rate else "this machine"
+        if spec.get("bf16") is False and "bf16" in (step.mixed_precision, step.dtype):
+            rate, source = None, f"no bf16 on the {name} (its datasheet has fp16 tensor cores only): use fp16"
         result = Profile(name, spec["memory"], rate * DATASHEET_UTILISATION if rate else None, spec["bandwidth"],
-                         spec["kind"], "datasheet" if rate else "this machine")
+                         spec["kind"], source)
         if name == "cpu":
             saved = _load_calibration("cpu")
             if saved:
@@ -307,8 +311,9 @@ def _quant_note(options, kind: str) -> str:
 
 def _throughput(flops: dict, states, step: Step, chosen: Profile, result) -> dict | None:
     if not chosen.flops_per_s:
-        return {"tokens_per_s": None, "step_s": None, "profile": chosen.name,
-                "why": "no FLOP rate for this device: run 'paramcalc calibrate' or name a GPU with --device"}
+        why = (chosen.source if chosen.source.startswith("no ") else
+               "no FLOP rate for this device: run 'paramcalc calibrate' or name a GPU with --device")
+        return {"tokens_per_s": None, "step_s": None, "profile": chosen.name, "why": why}
     # matmuls at the achieved rate, plus the optimizer pass streaming the model states through memory
     # (read weights, gradients and state, write weights and state)
     compute_s = step.grad_accum * flops["total"] / chosen.flops_per_s  # one forward+backward per micro-batch

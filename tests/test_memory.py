@@ -206,6 +206,20 @@ def test_plan_json_has_every_term(cli):
     assert sum(v for k, v in memory.items() if k not in ("peak", "band")) == memory["peak"]
 
 
+
+def test_a_t4_has_no_bf16_rate():
+    """The T4 datasheet lists fp16 tensor cores and no bf16: a bf16 step gets no invented time, fp16 one does."""
+    from paramcalc.plan import plan
+    from paramcalc.step import Step
+
+    result = paramcalc.count("gpt2", task="causal-lm")
+    bf16 = plan(result, Step(batch=4, seq=128, mixed_precision="bf16"), device="t4").throughput
+    fp16 = plan(result, Step(batch=4, seq=128, mixed_precision="fp16"), device="t4").throughput
+    assert bf16["tokens_per_s"] is None and "no bf16" in bf16["why"]
+    assert fp16["tokens_per_s"] > 0
+    a100 = plan(result, Step(batch=4, seq=128, mixed_precision="bf16"), device="a100-80gb").throughput
+    assert a100["tokens_per_s"] > 0
+
 def test_plan_path_imports_no_torch():
     probe = ("import sys, paramcalc; from paramcalc.plan import plan; from paramcalc.step import Step; "
              "r = paramcalc.count('gpt2', task='causal-lm'); plan(r, Step(batch=4, seq=256), device='t4'); "

@@ -31,12 +31,21 @@ class DefaultToCount(click.Group):
 @click.group(cls=DefaultToCount, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="paramcalc")
 def main():
-    """Exact, explained parameter counts for transformer fine-tuning.
+    """Exact, explained parameter counts, memory and time for transformer fine-tuning, checked by real runs.
+
+    paramcalc MODEL [options] counts (the count command is the default); the other commands trace a step on
+    fake tensors, fine-tune for real, calibrate this machine and list the catalog. README.md is the manual.
 
     \b
     Example:
       paramcalc bert-base-uncased
+      paramcalc bert-base-uncased --lora r=8 --verify
       paramcalc gpt2 --task causal-lm --json
+      paramcalc bloom-560m --task causal-lm --quant nf4 --lora r=16 --batch 4 --seq 256
+      paramcalc gpt2 --task causal-lm --seq 512 --mixed-precision fp16 --device t4 --fit-batch
+      paramcalc trace bert-base-uncased --task seq-cls --batch 8 --seq 128
+      paramcalc train bert-base-uncased --task seq-cls --batch 4 --seq 64 --steps 4
+      paramcalc calibrate
       paramcalc list
     """
 
@@ -154,7 +163,7 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
       paramcalc t5-small --task seq2seq-lm --prompt tokens=20
       paramcalc bloom-560m --task causal-lm --quant nf4 --lora r=16
       paramcalc bert-base-uncased --task seq-cls --batch 8 --seq 128 --optimizer adamw
-      paramcalc gpt2 --task causal-lm --seq 512 --mixed-precision bf16 --device t4 --fit-batch
+      paramcalc gpt2 --task causal-lm --seq 512 --mixed-precision fp16 --device t4 --fit-batch
     """
     try:
         methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,

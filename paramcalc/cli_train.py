@@ -37,7 +37,8 @@ def train_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
     compare them with paramcalc's prediction.
 
     Exit status: 0 ok, 2 bad input, 3 the run failed (out of memory) or would not fit.
-    Several processes: accelerate launch --num_processes 2 -m paramcalc train ... (each reports its own peak).
+    Several processes: accelerate launch --multi_gpu --num_processes 2 -m paramcalc train ... (each reports its
+    own peak; on a CPU too, where --multi_gpu starts the processes over gloo).
 
     \b
     Example:

@@ -131,6 +131,35 @@ def test_every_command_is_documented_with_an_example(cli):
         assert f"paramcalc {name}" in readme, name
 
 
+def help_examples():
+    """Every command line under 'Example:' in the help of paramcalc and of each command."""
+    from click.testing import CliRunner
+
+    from paramcalc.cli import main
+
+    found = []
+    for name in (None, *main.commands):
+        text = CliRunner().invoke(main, [name, "--help"] if name else ["--help"]).stdout
+        block = text.split("Example:", 1)[1].split("\n\n", 1)[0]
+        for line in block.strip().splitlines():
+            found += [part.strip() for part in line.split("&&")]
+    return found
+
+
+@pytest.mark.parametrize("example", help_examples())
+def test_every_help_example_parses(example):
+    """The examples a user copies from --help are valid command lines: options exist, choices are allowed."""
+    import shlex
+
+    from paramcalc.cli import main
+
+    words = shlex.split(example)
+    assert words[0] == "paramcalc"
+    name = words[1] if words[1] in main.commands else "count"
+    rest = words[2:] if name == words[1] else words[1:]
+    main.commands[name].make_context(name, rest)  # parses, validates choices and types; runs nothing
+
+
 BAD_INPUTS = [
     (["bert-base-uncassed"], "did you mean bert-base-uncased"),
     (["bigscience/bloom-560"], "did you mean bloom-560m"),

@@ -56,6 +56,28 @@ class CountResult:
     def trainable_params(self) -> int:
         return sum(c.count for c in self.components if c.trainable)
 
+    def closed_form_expr(self):
+        """The closed form as a sympy expression, its symbols plain ``sympy.Symbol``s named as in ``symbols``.
+
+        ``sympy.sympify(result.closed_form)`` reads BERT's ``I`` as the imaginary unit and T5's ``N`` as
+        sympy's ``N`` function; this does not. ``expr.subs(result.sympy_values())`` gives ``total_params``.
+        """
+        if self.closed_form is None:
+            why = "a custom or generic model has no formulas" if self.generic else "it was counted with formulas=False"
+            raise ParamcalcError(f"{self.model or self.hf_class} has no closed form: {why}")
+        from .symbolic import parse_formula  # sympy is imported only here, never on the counting path
+
+        return parse_formula(self.closed_form)
+
+    def sympy_values(self) -> dict:
+        """``values`` keyed by plain ``sympy.Symbol``s, ready for ``closed_form_expr().subs(...)``.
+
+        ``expr.subs(result.values)`` would not do: sympy turns the key ``"I"`` into the imaginary unit.
+        """
+        import sympy
+
+        return {sympy.Symbol(s): v for s, v in self.values.items()}
+
     def component(self, name: str) -> Component:
         for c in self.components:
             if c.name == name:

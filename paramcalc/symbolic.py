@@ -51,6 +51,20 @@ def sympy_symbols(names) -> dict:
     return {s: sympy.Symbol(s, positive=True, integer=True) for s in names}
 
 
+def parse_formula(text: str):
+    """A formula paramcalc wrote in sympy's text form (``closed_form``) as a sympy expression.
+
+    Every name in it becomes a plain ``sympy.Symbol`` of that name. ``sympy.sympify`` would not do:
+    it reads ``I`` (BERT's FFN width) as the imaginary unit, ``N`` (T5's heads) as sympy's ``N``
+    function, ``E`` as Euler's number and ``S`` as sympy's singleton registry.
+    """
+    import sympy
+
+    from .expr import names
+
+    return sympy.parse_expr(text, local_dict={name: sympy.Symbol(name) for name in names(text)})
+
+
 def component_expression(component: Component, symbols: dict):
     """The component's count as a sympy expression: repeat * (sum over parameters of their numel)."""
     import sympy

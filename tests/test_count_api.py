@@ -1,0 +1,38 @@
+"""The Python API around ``paramcalc.count``: the closed form as sympy, totals per group, custom modules."""
+
+import pytest
+
+import paramcalc
+from paramcalc.errors import ParamcalcError
+
+# BERT's I (FFN width) and T5's N (heads) are names sympy gives another meaning when it reads plain text.
+CLOSED_FORM_CASES = [("bert-base-uncased", "base", "I"), ("t5-small", "seq2seq-lm", "N"),
+                     ("t5-small", "seq2seq-lm", "n_v")]
+
+
+@pytest.mark.parametrize(("model", "task", "symbol"), CLOSED_FORM_CASES)
+def test_closed_form_expr_gives_the_total_back(model, task, symbol):
+    import sympy
+
+    peft = "prompt:tokens=20" if symbol == "n_v" else None
+    result = paramcalc.count(model, task=task, peft=peft)
+    expr = result.closed_form_expr()
+    assert all(type(s) is sympy.Symbol and s.name in result.symbols for s in expr.free_symbols)
+    assert sympy.Symbol(symbol) in expr.free_symbols  # a symbol, not sympy's constant or function
+    assert expr.subs(result.sympy_values()) == result.total_params
+    assert expr.subs({sympy.Symbol(s): v for s, v in result.values.items()}) == result.total_params
+    assert sympy.sstr(expr) == result.closed_form
+
+
+def test_closed_form_expr_matches_plain_symbols_built_by_hand():
+    import sympy
+
+    H, L, P, V = sympy.symbols("H L P V")
+    by_hand = V * H + P * H + 2 * H + L * (12 * H**2 + 13 * H)  # GPT-2 with its tied head
+    assert sympy.expand(paramcalc.count("gpt2", task="causal-lm").closed_form_expr() - by_hand) == 0
+
+
+def test_closed_form_expr_without_formulas_is_a_one_line_error():
+    with pytest.raises(ParamcalcError, match="formulas=False") as error:
+        paramcalc.count("gpt2", formulas=False).closed_form_expr()
+    assert "\n" not in str(error.value)

@@ -56,6 +56,17 @@ class CountResult:
     def trainable_params(self) -> int:
         return sum(c.count for c in self.components if c.trainable)
 
+    def group_totals(self, trainable: bool = False) -> dict[str, int]:
+        """Parameters per group (``embedding``, ``attention``, ``ffn``...), in the order the rows first use them.
+
+        The anatomy of the model in one call, the sums a chart or a table of groups needs. With
+        ``trainable=True`` only trainable rows count; every group stays listed, at 0 when it is all frozen.
+        """
+        totals: dict[str, int] = {}
+        for c in self.components:
+            totals[c.group] = totals.get(c.group, 0) + (c.count if c.trainable or not trainable else 0)
+        return totals
+
     def closed_form_expr(self):
         """The closed form as a sympy expression, its symbols plain ``sympy.Symbol``s named as in ``symbols``.
 

@@ -158,8 +158,9 @@ def count(
     """Count the parameters of ``model`` for ``task``.
 
     ``model`` is a catalog name (``"bert-base-uncased"``), a path to a config.json or a
-    folder holding one, a config dict, a ``transformers.PretrainedConfig``, or
-    ``"package.module:factory"`` naming a function that returns a custom ``nn.Module``.
+    folder holding one, a config dict, a ``transformers.PretrainedConfig``, or a custom
+    ``nn.Module``: ``"package.module:factory"`` naming a function that returns one, the function
+    itself (both built on the meta device), or a module instance (counted as it is).
     ``overrides`` are config values to change (the CLI's ``--set KEY=VALUE``).
     ``peft`` is a peft config object (``LoraConfig(r=8)``), a ``"lora:r=8"`` spec, or a list of them.
     ``quant`` is ``"nf4"``, ``"fp4"`` or ``"int8"`` (optionally ``"nf4,double_quant=true,dtype=bf16"``).
@@ -167,12 +168,8 @@ def count(
     >>> count("bert-base-uncased").total_params
     109482240
     """
-    if configs.is_factory_spec(model):
-        from .generic import count_factory
-
-        if overrides or num_labels is not None or task != "base":
-            raise ParamcalcError(f"--set, --task and --num-labels do not apply to a custom module ({model})")
-        return count_factory(model)
+    if configs.is_factory_spec(model) or callable(model):  # an nn.Module instance is callable too
+        return _custom(model, task, overrides, num_labels, peft, quant)
     resolved = configs.resolve(model)
     overrides = dict(overrides or {})
     if num_labels is not None:
@@ -218,6 +215,19 @@ def count(
         result.closed_form, result.closed_form_latex = attach_formulas(family, result.components,
                                                                        list(result.symbols))
     return result
+
+
+def _custom(model, task, overrides, num_labels, peft, quant) -> CountResult:
+    """A custom ``nn.Module`` has no config and no formula file: only the module itself is counted."""
+    from .generic import count_custom, custom_label
+
+    label = custom_label(model)
+    if overrides or num_labels is not None or task != "base":
+        raise ParamcalcError(f"--set, --task and --num-labels do not apply to a custom module ({label})")
+    if tuners_normalise(peft) or quant is not None:
+        asked = "PEFT deltas" if tuners_normalise(peft) else "--quant"
+        raise ParamcalcError(f"{asked} need a formula file (bert, roberta, t5, gpt2, bloom); {label} is a custom module")
+    return count_custom(model)
 
 
 def tuners_normalise(peft):

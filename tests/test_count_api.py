@@ -60,3 +60,71 @@ def test_group_totals_sum_the_rows_of_each_group(model, task, peft):
 def test_group_totals_of_bert_base():
     assert paramcalc.count("bert-base-uncased", formulas=False).group_totals() == {
         "embedding": 23_835_648, "layernorm": 38_400, "attention": 28_348_416, "ffn": 56_669_184, "pooler": 590_592}
+
+
+def tiny_mlp():
+    """A factory defined here, passed to count as a function rather than named by a string."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+TINY_MLP = (4 * 3 + 3) + (3 * 2 + 2)  # 23
+
+
+def test_count_takes_a_factory_callable_and_builds_it_on_meta(monkeypatch):
+    import torch
+
+    built = []
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: built.append(self.weight.device.type))
+    result = paramcalc.count(tiny_mlp)
+    assert built == ["meta", "meta"]
+    assert (result.total_params, result.trainable_params, result.generic) == (TINY_MLP, TINY_MLP, True)
+    assert result.model == result.config_source == f"{__name__}:tiny_mlp"  # importable: verify can rebuild it
+    assert [c.name for c in result.components] == ["0", "2"] and result.hf_class == "Sequential"
+    from paramcalc.verify import verify
+
+    assert verify(result).meta_total == TINY_MLP
+
+
+def test_count_takes_a_lambda_a_partial_and_a_module_class():
+    import functools
+
+    import torch
+
+    lam = paramcalc.count(lambda: torch.nn.Linear(5, 2))
+    assert lam.total_params == 12 and lam.model.endswith("<lambda>") and "not importable" in lam.config_source
+    assert paramcalc.count(functools.partial(torch.nn.Linear, 5, 2, bias=False)).total_params == 10
+    assert paramcalc.count(torch.nn.Identity).total_params == 0  # the class is a factory too
+
+
+def test_count_takes_a_module_instance_as_it_is():
+    import torch
+
+    model = tiny_mlp()
+    model[0].requires_grad_(False)
+    result = paramcalc.count(model)
+    assert (result.total_params, result.trainable_params) == (TINY_MLP, 3 * 2 + 2)  # the frozen layer stays frozen
+    assert model[0].weight.device.type == "cpu" and not model[0].weight.requires_grad  # not moved, not copied
+    assert result.model == "Sequential instance" and "counted as it is" in result.notes[0]
+    shared = torch.nn.Linear(4, 4)
+    assert paramcalc.count(torch.nn.Sequential(shared, shared)).total_params == 20  # a shared module once
+
+
+BAD_CUSTOM = [
+    ({"model": lambda: 42}, "returned int, not a torch.nn.Module"),
+    ({"model": lambda: 1 / 0}, "failed: ZeroDivisionError: division by zero"),
+    ({"model": lambda: (_ for _ in ()).throw(ValueError("first line\nsecond line"))}, "ValueError: first line"),
+    ({"model": tiny_mlp, "task": "seq-cls"}, "do not apply to a custom module"),
+    ({"model": tiny_mlp, "overrides": {"hidden_size": 8}}, "do not apply to a custom module"),
+    ({"model": tiny_mlp, "peft": "lora:r=8"}, "need a formula file"),
+    ({"model": "custom_module_nowhere:factory", "quant": "nf4"}, "need a formula file"),
+    ({"model": "custom_module_nowhere:factory"}, "cannot import 'custom_module_nowhere:factory'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_CUSTOM, ids=[m for _, m in BAD_CUSTOM])
+def test_bad_custom_modules_are_one_line_errors(kwargs, message):
+    with pytest.raises(ParamcalcError) as error:
+        paramcalc.count(**kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value)

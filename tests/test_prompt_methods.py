@@ -48,12 +48,32 @@ def test_method_matches_peft(model, task, spec, matches_peft):
 
 
 def test_prompt_tuning_t5_both_conventions():
-    # peft: seq2seq-lm counts the prompt for the encoder and the decoder: 2 * 20 tokens * 512
+    # peft: seq2seq-lm allocates 2 * 20 tokens * 512, all trainable; only the encoder's 20 rows are used
     result = paramcalc.count("t5-small", task="seq2seq-lm", peft="prompt:tokens=20")
     assert result.trainable_params == 2 * 20 * 512 == 20_480
-    assert any("10,240" in note and "20,480" in note for note in result.to_dict()["notes"])
+    [note] = result.to_dict()["notes"]
+    assert "20,480" in note and "10,240" in note
+    assert "first n_v rows to the encoder" in note and "decoder" not in note  # the decoder never reads the prompt
     once = paramcalc.count("t5-small", task="seq2seq-lm", peft="prompt:tokens=20,submodules=1")
     assert once.trainable_params == 20 * 512
+    assert "10,240, the rows that learn" in once.all_notes()[0] and "20,480" in once.all_notes()[0]
+
+
+def test_the_note_holds_in_peft_only_the_first_n_v_prompt_rows_learn_on_seq2seq():
+    # What the note says, checked on a tiny random T5: one backward, then the gradient of each prompt row.
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    tiny = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=1, decoder_start_token_id=0,
+        pad_token_id=0))
+    model = peft.get_peft_model(tiny, peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    model(input_ids=torch.randint(1, 64, (2, 5)), labels=torch.randint(1, 64, (2, 4))).loss.backward()
+    grad = model.prompt_encoder["default"].embedding.weight.grad
+    assert grad.shape[0] == 2 * 3 and model.get_nb_trainable_parameters()[0] == 2 * 3 * 16  # all rows trainable
+    assert (grad[:3].norm(dim=1) > 0).all() and (grad[3:] == 0).all()  # only the first n_v rows learn
 
 
 def test_prefix_tuning_gpt2_by_hand():

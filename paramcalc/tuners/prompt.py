@@ -1,9 +1,10 @@
 """Prompt tuning (Lester et al. 2021, arXiv:2104.08691): trainable soft-prompt embeddings, base frozen.
 
 peft's ``PromptEmbedding`` holds ``num_virtual_tokens * num_transformer_submodules`` rows of the hidden
-size; peft sets ``num_transformer_submodules`` to 2 for the seq2seq-LM task type (the encoder-decoder's
-two stacks) and to 1 otherwise. Many tutorials count the prompt once; the report gives both figures.
-"""
+size; peft sets ``num_transformer_submodules`` to 2 for the seq2seq-LM task type and to 1 otherwise. All
+rows are trainable, but peft's seq2seq forward prepends only the first ``num_virtual_tokens`` rows, to the
+encoder's input: the other half is never read and never receives a gradient. Many tutorials count the
+prompt once; the report counts what peft allocates and gives both figures."""
 
 from __future__ import annotations
 
@@ -41,18 +42,25 @@ def apply(result, options: Options) -> PeftSummary:
     result.components.append(row)
     summary = PeftSummary("prompt", {**asdict(options), "submodules": submodules}, added_params=row.count + sum(
         c.count for c in copies), trainable_params=sum(c.count for c in result.components if c.trainable))
-    once = options.tokens * result.values[dim]
-    if family.name == "t5" or submodules > 1:
-        if submodules == 2:
-            summary.notes.append(
-                f"soft prompt counted as peft does for seq2seq-lm: once per transformer submodule (encoder and "
-                f"decoder), 2*n_v*{dim} = {row.count:,}; counted once, as most tutorials do: n_v*{dim} = {once:,} "
-                "(submodules=1)")
-        else:
-            summary.notes.append(
-                f"soft prompt counted once, n_v*{dim} = {once:,}; peft's seq2seq-lm task type counts it once per "
-                f"submodule: 2*n_v*{dim} = {2 * once:,} (submodules=2)")
+    note = _note(result.task, family.name, submodules, dim, options.tokens * result.values[dim])
+    if note:
+        summary.notes.append(note)
     return summary
+
+
+def _note(task: str, family: str, submodules: int, dim: str, once: int) -> str | None:
+    """Both figures, where they differ or could: peft's rows (2*n_v on seq2seq-lm) and the n_v rows that learn."""
+    twice = f"2*n_v*{dim} = {2 * once:,}"
+    if submodules == 2 and task == "seq2seq-lm":
+        return (f"soft prompt counted as peft builds it for seq2seq-lm: {twice}, all trainable; peft feeds only "
+                f"the first n_v rows to the encoder, so only n_v*{dim} = {once:,} get a gradient (submodules=1 "
+                "counts those, as most tutorials do)")
+    if submodules == 2:
+        return f"soft prompt counted twice, as submodules=2 asks: {twice}; counted once: n_v*{dim} = {once:,} (submodules=1)"
+    if family == "t5":
+        return (f"soft prompt counted once, n_v*{dim} = {once:,}, the rows that learn; peft's seq2seq-lm task type "
+                f"builds {twice}, all trainable though only the first n_v rows are used (submodules=2)")
+    return None
 
 
 def from_peft_config(config) -> Options:

@@ -238,25 +238,24 @@ class CudaMeter:
 
 def alive_bytes(model, optimizer=None) -> int:
     """Bytes of every storage the model and optimizer hold (parameters, buffers, gradients, optimizer state,
-    bitsandbytes' quantization state), each counted once, plus the gradient buckets DDP reports."""
+    bitsandbytes' quantization state: ``quantized.quantization_tensors``), each counted once, plus the
+    gradient buckets DDP reports."""
     import torch
+
+    from .quantized import quantization_tensors
 
     storages = {}
 
-    def add(value, depth=0):
+    def add(value):
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-        elif depth < 3 and hasattr(value, "__dict__") and type(value).__module__.startswith("bitsandbytes"):
-            for item in vars(value).values():  # a QuantState: absmax, code, nested state...
-                add(item, depth + 1)
 
     for parameter in model.parameters():
         add(parameter)
         add(parameter.grad)
-        add(getattr(parameter, "quant_state", None))
-    for buffer in model.buffers():
-        add(buffer)
+    for tensor in [*model.buffers(), *quantization_tensors(model)]:
+        add(tensor)
     for state in (optimizer.state.values() if optimizer is not None else ()):
         for value in state.values():
             add(value)

@@ -14,7 +14,12 @@ checkpointing. paramcalc's step says whether layers are checkpointed (``--grad-c
 its caller applies, as for any model) and ``--quant ...,dtype=`` which dtype the weights left
 unquantized have, so the model returned is the loaded one, and the memory model describes that.
 
-torch, transformers and bitsandbytes are imported inside the function (the analytic path stays light).
+``build_quantized_meta_model(result)`` is the same model on the meta device, packed as loading packs it
+(parameter names, shapes, dtypes and quantization state, no values), in about a second for BLOOM-560m;
+``stored_bytes`` gives the bytes a parameter or a model really keeps, bitsandbytes' quantization state
+included.
+
+torch, transformers and bitsandbytes are imported inside the functions (the analytic path stays light).
 """
 
 from __future__ import annotations
@@ -39,6 +44,25 @@ def bnb_config(options):
         bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[options.compute_dtype]))
 
 
+def _model_class_and_config(result, config, attention):
+    """The transformers class and config the real and the meta builders build from, after refusing a count
+    neither can build."""
+    if result.quant is None:
+        raise ParamcalcError("build_quantized_model needs a count with --quant (e.g. quant='nf4')")
+    if result.generic:
+        raise ParamcalcError("--quant needs a formula file (bert, roberta, t5, gpt2, bloom)")
+    import transformers
+
+    from .meta import hf_config
+
+    config = config if config is not None else hf_config(result.config)
+    if result.task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding: any id runs
+    if attention not in (None, "auto"):
+        config._attn_implementation = attention
+    return getattr(transformers, result.hf_class), config
+
+
 def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike | None = None,
                           attention: str | None = None, config=None):
     """The bitsandbytes-quantized Hugging Face model of ``result`` (a ``paramcalc.count(..., quant=...)``).
@@ -50,27 +74,17 @@ def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike 
     mode, loaded as transformers loads it: quantized weights frozen, every other parameter trainable until
     peft (e.g. ``paramcalc.verify.apply_real_peft(model, result)``) freezes the base.
     """
-    if result.quant is None:
-        raise ParamcalcError("build_quantized_model needs a count with --quant (e.g. quant='nf4')")
-    if result.generic:
-        raise ParamcalcError("--quant needs a formula file (bert, roberta, t5, gpt2, bloom)")
     if weights_dir is not None and not os.path.isfile(os.path.join(weights_dir, "config.json")):
         raise ParamcalcError(f"{weights_dir} is not a local checkpoint folder (it has no config.json)")
+    cls, config = _model_class_and_config(result, config, attention)
     import torch
-    import transformers
-
-    from .meta import hf_config
 
     options = result.quant.options
-    config = config if config is not None else hf_config(result.config)
-    if result.task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding: any id runs
-    cls = getattr(transformers, result.hf_class)
     dtype = getattr(torch, TORCH_DTYPES[options.dtype])
     kwargs = {"config": config, "quantization_config": bnb_config(options), "device_map": "cpu", "dtype": dtype,
               "local_files_only": True}
     if attention not in (None, "auto"):
-        config._attn_implementation = kwargs["attn_implementation"] = attention
+        kwargs["attn_implementation"] = attention
     state = torch.random.get_rng_state()
     try:
         if weights_dir is None:
@@ -87,7 +101,44 @@ def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike 
     return model.train()
 
 
-# --- the same model on fake tensors, for ``paramcalc trace`` ---------------------------------------------
+def build_quantized_meta_model(result, attention: str | None = None, config=None):
+    """``build_quantized_model(result)`` on the meta device: every parameter as loading stores it (packed
+    ``Params4bit``/``Int8Params`` weights with their quantization state, the rest in ``--quant ...,dtype=``),
+    with names, shapes and dtypes but no values. For counts and bytes at full size: BLOOM-560m takes about a
+    second, where building it with random weights and quantizing them takes half a minute on a CPU.
+
+    ``attention`` and ``config`` as for ``build_quantized_model``. In train mode, quantized weights frozen,
+    every other parameter trainable (as loaded, before peft).
+    """
+    cls, config = _model_class_and_config(result, config, attention)
+    import torch
+
+    from .runtime import default_dtype
+
+    options = result.quant.options
+    with default_dtype(options.dtype), torch.device("meta"):
+        model = cls(config)
+    _keep_in_fp32(model, getattr(torch, TORCH_DTYPES[options.dtype]))
+    quantize_on_meta(model, options, pack=True)
+    return model.train()
+
+
+def _keep_in_fp32(model, dtype) -> None:
+    """Upcast what loading keeps in fp32: in fp16 the model's ``_keep_in_fp32_modules`` (T5's ``wo``), in fp16
+    or bf16 its ``_keep_in_fp32_modules_strict``. transformers' loader takes them from the model's
+    ``_get_dtype_plan(dtype)`` and upcasts every parameter whose name one of its patterns matches (a regex
+    search, ``*`` for any text)."""
+    import re
+
+    plan = model._get_dtype_plan(dtype)
+    for key, kept in plan.items():
+        pattern = re.compile(key.replace("*", ".*"))
+        for name, parameter in model.named_parameters():
+            if pattern.search(name):
+                parameter.data = parameter.data.to(kept)
+
+
+# --- bitsandbytes' modules on the meta device -------------------------------------------------------------
 
 def _skipped(model, options) -> tuple[object, list[str]]:
     """transformers' BitsAndBytesConfig and the modules from_pretrained leaves unquantized: tied and output
@@ -100,16 +151,95 @@ def _skipped(model, options) -> tuple[object, list[str]]:
                                                         model._keep_in_fp32_modules)
 
 
-def quantize_on_meta(model, options) -> None:
+def quantize_on_meta(model, options, pack: bool = False) -> None:
     """Swap the Linear/Conv1D modules of a meta-device model for bitsandbytes ones, as ``from_pretrained``
-    does before it loads weights (the same modules skipped: see ``_skipped``)."""
+    does before it loads weights (the same modules skipped: see ``_skipped``).
+
+    The swapped modules hold full-size weights, as before loading: ``sum(p.numel())`` is still the real
+    count. ``pack=True`` then quantizes each weight as loading does (``pack_on_meta``), so the model counts,
+    prints and stores as a loaded one. Build the model in ``options.dtype`` first (or use
+    ``build_quantized_meta_model``): loading leaves the unquantized parameters in that dtype.
+    """
     from transformers.integrations import replace_with_bnb_linear
 
+    from .runtime import default_dtype
+
     config, skip = _skipped(model, options)
-    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
+    with default_dtype(options.dtype):  # loading gives the new modules' weights and biases this dtype
+        replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
     for module in model.modules():  # loading gives the biases new, trainable parameters; weights stay frozen
         if module.__module__.startswith("bitsandbytes") and getattr(module, "bias", None) is not None:
             module.bias.requires_grad_(True)
+    _mark_as_loaded(model, config)
+    if pack:
+        pack_on_meta(model)
+
+
+def _mark_as_loaded(model, config) -> None:
+    """The marks ``from_pretrained`` leaves on a bitsandbytes model (its quantizer's ``preprocess_model`` and
+    ``postprocess_model``), which others read: peft wraps a ``Linear4bit``/``Linear8bitLt`` in its
+    bitsandbytes LoRA layers only when ``is_loaded_in_4bit``/``is_loaded_in_8bit`` is set, and
+    transformers' ``num_parameters()`` doubles packed 4-bit tensors only then."""
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.config.quantization_config = config
+    setattr(model, "is_loaded_in_4bit" if config.load_in_4bit else "is_loaded_in_8bit", True)
+
+
+def pack_on_meta(model) -> None:
+    """Quantize every bitsandbytes weight of a meta-device model as loading does, without values.
+
+    Loading wraps each weight in a ``Params4bit``/``Int8Params`` and moves it to its device, and that move
+    quantizes it (their ``to`` calls ``_quantize``): ``functional.quantize_4bit`` for a ``Linear4bit``,
+    ``functional.int8_vectorwise_quant`` of an fp16 copy for a ``Linear8bitLt``. The same public functions
+    run here on meta tensors, where bitsandbytes' fake kernels give the packed weight and its state their
+    real shapes and dtypes. A weight already packed is left as it is.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    _keep_dynamic_code_off_meta()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not module.weight.bnb_quantized:
+            _pack_4bit(module)
+        elif isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype != torch.int8:
+            _pack_int8(module)
+
+
+def _keep_dynamic_code_off_meta() -> None:
+    """Double quantization quantizes the absmax with bitsandbytes' 8-bit 'dynamic' code, which it builds once
+    and caches (``functional.name2qmap``) on the device of the first tensor it quantizes: build it on the CPU
+    first, or a meta (or fake) code would be cached and a later real quantization in this process fail."""
+    import bitsandbytes as bnb
+
+    bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
+
+
+def _pack_4bit(module) -> None:
+    """What ``Params4bit._quantize`` does: the weight becomes the packed uint8 tensor (two values a byte); its
+    ``QuantState`` (an absmax per block of 64, the 16-entry code; with double quantization uint8 absmax, an
+    offset and a nested state) goes on the parameter and on the module, which reads it in forward."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    settings = {"blocksize": weight.blocksize, "compress_statistics": weight.compress_statistics,
+                "quant_type": weight.quant_type, "quant_storage": weight.quant_storage}
+    packed, state = bnb.functional.quantize_4bit(weight.data, **settings)
+    module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, module=module,
+                                      bnb_quantized=True, **settings)
+    module.quant_state = state
+
+
+def _pack_int8(module) -> None:
+    """What ``Int8Params._quantize`` does: the weight's fp16 copy is quantized row by row into int8 values
+    (``CB``, which is the weight's data) and one fp32 scale per output row (``SCB``)."""
+    import bitsandbytes as bnb
+    import torch
+
+    weight = module.weight
+    values, scales, _ = bnb.functional.int8_vectorwise_quant(weight.data.to(torch.float16))
+    module.weight = bnb.nn.Int8Params(values, requires_grad=False, has_fp16_weights=weight.has_fp16_weights,
+                                      CB=values, SCB=scales)
 
 
 def freeze_quantized(model, options) -> list[str]:
@@ -129,6 +259,70 @@ def freeze_quantized(model, options) -> list[str]:
     return names
 
 
+# --- bytes as stored --------------------------------------------------------------------------------------
+
+def quantization_tensors(owner) -> list:
+    """The tensors bitsandbytes keeps beside quantized weights (the packed weights themselves left out), for
+    a parameter or a module and its submodules.
+
+    A ``Params4bit`` keeps a ``QuantState``: absmax and code, and with double quantization an offset and a
+    nested state with absmax and code of its own (every weight its own copies). An ``Int8Params`` keeps
+    ``CB`` (its own data) and ``SCB`` (row scales); a ``Linear8bitLt`` moves both to its ``state`` (a
+    ``MatmulLtState``) in its first forward (``init_8bit_state``), so a module's state is read too.
+    """
+    import torch
+
+    if isinstance(owner, torch.Tensor):
+        held = [getattr(owner, "CB", None), getattr(owner, "SCB", None)]
+        return [*_state_tensors(getattr(owner, "quant_state", None)), *(t for t in held if torch.is_tensor(t))]
+    found = []
+    for module in owner.modules():
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                found += quantization_tensors(parameter)
+        state = getattr(module, "state", None)
+        if type(state).__module__.startswith("bitsandbytes"):
+            found += [value for value in vars(state).values() if torch.is_tensor(value)]
+    return found
+
+
+def _state_tensors(state) -> list:
+    """Every tensor of a bitsandbytes ``QuantState`` (None: none), its nested ``state2`` included."""
+    import torch
+
+    found = []
+    for value in vars(state).values() if state is not None else ():
+        if torch.is_tensor(value):
+            found.append(value)
+        elif type(value) is type(state):
+            found += _state_tensors(value)
+    return found
+
+
+def stored_bytes(owner, buffers: bool = False) -> int:
+    """The bytes a parameter, or every parameter of a module, really stores: the tensors and bitsandbytes'
+    quantization state beside them (``quantization_tensors``), each storage counted once (a tied weight;
+    an ``Int8Params`` and its ``CB``); with ``buffers=True`` a module's buffers too. Works on meta tensors,
+    which have sizes but no addresses.
+
+    Without buffers, a model loaded with ``--quant`` options stores ``result.quant.weight_bytes``. Its
+    ``get_memory_footprint()`` counts parameters and buffers but leaves the quantization state out.
+    """
+    import torch
+
+    if isinstance(owner, torch.Tensor):
+        tensors = [owner]
+    else:
+        tensors = [*owner.parameters(), *(owner.buffers() if buffers else ())]
+    storages = {}
+    for tensor in tensors + quantization_tensors(owner):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr() or id(storage)] = storage  # meta storages all have address 0
+    return sum(storage.nbytes() for storage in storages.values())
+
+
+# --- the same model on fake tensors, for ``paramcalc trace`` ---------------------------------------------
+
 def fake_quantize(model, options) -> list:
     """Inside ``FakeTensorMode``, after the model's tensors became fake: quantize each bitsandbytes
     module's weight as loading would (bitsandbytes' own fake kernels give the packed tensor and its
@@ -143,7 +337,7 @@ def fake_quantize(model, options) -> list:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():  # double quantization's 8-bit code is built from Python floats
-        bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
+        _keep_dynamic_code_off_meta()
     kept = []
     for module in model.modules():
         weight = module._parameters.get("weight")

@@ -22,23 +22,6 @@ TINY = {"gpt2": GPT2, "bloom-560m": BLOOM}
 STEP = Step(batch=2, seq=32, attention="eager")
 
 
-def quantization_tensors(model):
-    """The tensors bitsandbytes keeps beside its quantized weights: 4-bit quant state, int8 row scales."""
-    import torch
-
-    found = []
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None:
-            found += [state.absmax, state.code]
-            if state.nested:
-                found += [state.state2.absmax, state.state2.code, state.offset]
-        for holder in (weight, getattr(module, "state", None)):  # Linear8bitLt moves CB/SCB to its state
-            found += [t for t in (getattr(holder, "CB", None), getattr(holder, "SCB", None)) if torch.is_tensor(t)]
-    return found
-
-
 @functools.lru_cache(maxsize=None)
 def measured(model: str, spec: str, mixed_precision: str | None, peft: str | None = "lora:r=8") -> tuple[int, int]:
     """A tiny causal LM's real step at batch 2 x 32 tokens (eager attention), measured once per test run."""
@@ -51,6 +34,7 @@ def measured_step(result, step: Step) -> tuple[int, int]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from paramcalc.measure import alive_bytes
     from paramcalc.quantized import build_quantized_model
     from paramcalc.verify import apply_real_peft
 
@@ -74,11 +58,8 @@ def measured_step(result, step: Step) -> tuple[int, int]:
 
     one_step()
     optimizer.zero_grad(set_to_none=True)
-    states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    storages = {}
-    for tensor in [*model.parameters(), *model.buffers(), *quantization_tensors(model), *states]:
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    before = sum(storages.values())
+    # parameters, buffers, quantization state (4-bit absmax and codes, int8 row scales), optimizer state
+    before = alive_bytes(model, optimizer)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
         one_step()
     current = peak = 0

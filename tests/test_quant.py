@@ -22,20 +22,6 @@ def quantized_model(result):
         return build_quantized_model(result)
 
 
-def stored_bytes(parameter) -> int:
-    """Every tensor bitsandbytes keeps for one parameter."""
-    total = parameter.numel() * parameter.element_size()
-    state = getattr(parameter, "quant_state", None)
-    if state is not None:
-        total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code))
-        if state.nested:
-            total += sum(t.numel() * t.element_size() for t in (state.state2.absmax, state.state2.code, state.offset))
-    scale = getattr(parameter, "SCB", None)
-    if scale is not None:
-        total += scale.numel() * scale.element_size()
-    return total
-
-
 SHRINK = {  # small sizes, odd on purpose: a 4-bit weight with an odd count is printed one larger
     "bert-base-uncased": {"num_hidden_layers": 2, "hidden_size": 15, "num_attention_heads": 3,
                           "intermediate_size": 33, "vocab_size": 101},
@@ -61,6 +47,8 @@ CASES = [
 
 @pytest.mark.parametrize(("model", "task", "spec"), CASES, ids=[f"{m}:{t}:{s}" for m, t, s in CASES])
 def test_quantization_matches_bitsandbytes(model, task, spec):
+    from paramcalc.quantized import stored_bytes  # a parameter's bytes with its quantization state
+
     result = paramcalc.count(model, task=task, overrides=SHRINK[model], quant=spec, formulas=False)
     real = quantized_model(result)
     parameters = dict(real.named_parameters())
@@ -79,6 +67,7 @@ def test_quantization_matches_bitsandbytes(model, task, spec):
     assert quantized_names == expected
     assert sum(p.numel() for p in real.parameters() if p.requires_grad) == result.trainable_params
     assert sum(p.numel() for p in real.parameters()) == result.quant.numel_sum
+    assert stored_bytes(real) == result.quant.weight_bytes
     # transformers' num_parameters() doubles packed 4-bit tensors as peft does (one more per odd-sized weight)
     assert real.num_parameters() == result.quant.peft_print[1]
 

@@ -59,6 +59,7 @@ def count_custom(model) -> CountResult:
 
 
 def _custom_result(model, label: str, source: str, note: str) -> CountResult:
+    """A custom module has no config, task or formulas: its rows are its module paths (see ``rows_of``)."""
     return CountResult(
         model=label, family="generic", task="base", hf_class=type(model).__name__, components=rows_of(model),
         config={}, config_source=source, notes=[note],

@@ -74,6 +74,9 @@ class CpuMeter:
         from torch.profiler import ProfilerActivity, profile
 
         gc.collect()  # garbage of earlier work freed mid-step would read as negative bytes
+        # kineto prints 'USDT: ... profiler_start/stop' lines to stderr at its default log level; a user's
+        # terminal (or notebook) is no place for them. Read when the profiler first starts; a user's own setting wins.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
         self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         with self._profiler:

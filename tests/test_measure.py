@@ -1,6 +1,7 @@
 """The meters the trainer judges by: allocator events on a CPU, max_memory_allocated on CUDA."""
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -170,3 +171,20 @@ def test_a_training_run_carries_its_measured_step_timeline_outside_the_json():
     assert max(b for _, b in predicted.curve) == predicted.peak == report.predicted["memory"]["peak"]
     assert [phase for phase, _ in predicted.curve][-1] == "optimizer"
     assert simulate(result, step, device="cpu").curve is None  # not kept unless asked for
+
+
+def test_recording_prints_nothing_to_stderr():
+    """kineto's 'USDT: ... profiler_start' lines would land in every `paramcalc train` terminal and notebook."""
+    import subprocess
+    import sys
+
+    probe = ("import torch; from paramcalc.measure import CpuMeter\n"
+             "meter = CpuMeter()\n"
+             "with meter.recording():\n"
+             "    with meter.phase('step'):\n"
+             "        torch.ones(1000).sum()\n"
+             "print(meter.summary()['peak'] > 0)")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "True"
+    assert "USDT" not in out.stderr and "profiler_start" not in out.stderr, out.stderr

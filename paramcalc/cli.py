@@ -67,7 +67,7 @@ def model_options(command):
                           "bias, modules_to_save, dora)."),
         click.option("--adapter", metavar="SPEC", default=None, is_flag=False, flag_value="",
                      help="Bottleneck adapters (AdapterHub): kind=pfeiffer|houlsby[,bottleneck=N|reduction=F,"
-                          "cross=true]."),
+                          "cross=true,init=mam_adapter|bert|houlsby] (init: how train starts them)."),
         click.option("--prompt", metavar="SPEC", default=None, help="Prompt tuning: tokens=N[,submodules=1|2]."),
         click.option("--prefix", metavar="SPEC", default=None,
                      help="Prefix tuning: tokens=N[,projection=true,hidden=H]."),

@@ -13,6 +13,7 @@ import fnmatch
 import functools
 import hashlib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,10 @@ class Family:
     modules: tuple[ModuleSpec, ...]
     peft: dict  # peft's per-family defaults (LoRA/IA3 targets), from peft/utils/constants.py
     adapter_sites: tuple[dict, ...]  # where bottleneck adapters go (after attention / FFN / cross-attention)
-    quant: dict  # what transformers keeps unquantized for this family (_keep_in_fp32_modules)
+    # [keep_fp32]: what from_pretrained keeps in fp32 (the model class's _keep_in_fp32_modules and
+    # _keep_in_fp32_modules_strict); see loaded_dtype
+    keep_fp32: tuple[str, ...]
+    keep_fp32_strict: tuple[str, ...]
     tokens: dict  # part -> token positions it processes per step ("b*s"), for FLOPs and activations
     attention: tuple[dict, ...]  # attention cores: heads, head_dim, q_len, k_len, repeat
     attention_kernels: tuple[str, ...]  # eager / sdpa / flash: what transformers can run for this family
@@ -82,6 +86,23 @@ class Family:
         """Every config key this family reads, with its default (None when it has none)."""
         switches = dict.fromkeys(k for m in self.modules for k in (*m.when, *m.unless)) | dict.fromkeys(self.unsupported)
         return dict.fromkeys(self.symbols.values()) | dict.fromkeys(self.key_aliases) | switches | self.defaults
+
+    def loaded_dtype(self, parameter: str, dtype: str) -> str:
+        """The dtype ``from_pretrained(..., dtype=dtype)`` leaves ``parameter`` (its full name) in.
+
+        transformers 5 (modeling_utils.py, ``PreTrainedModel._get_dtype_plan``) keeps the model's
+        ``_keep_in_fp32_modules`` in fp32 when it loads in fp16 (not bf16: they guard against fp16 overflow, e.g.
+        T5's ``wo``, huggingface/transformers#20287) and its ``_keep_in_fp32_modules_strict`` in fp32 in fp16 and
+        bf16. The loader (core_model_loading.py) matches each pattern as a regex *search* in the parameter's full
+        name, ``*`` standing for any text. Only loading does this: building the class (``Model(config)``,
+        ``from_config(config, dtype=...)``) leaves every parameter in ``dtype``.
+        """
+        patterns = self.keep_fp32_strict if dtype in ("fp16", "bf16") else ()
+        if dtype == "fp16":
+            patterns += self.keep_fp32
+        if any(re.search(pattern.replace("*", ".*"), parameter) for pattern in patterns):
+            return "fp32"
+        return dtype
 
     def condition_types(self) -> dict[str, type]:
         """The type each switch the family reads must have (bool for tie_word_embeddings, str for ...)."""
@@ -180,13 +201,22 @@ def _parse(path: Path) -> Family:
         key_aliases=raw.get("key_aliases", {}),
         divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
         unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules), peft=raw.get("peft", {}),
-        adapter_sites=tuple(raw.get("adapter_sites", [])), quant=raw.get("quant", {}),
+        adapter_sites=tuple(raw.get("adapter_sites", [])), **_keep_fp32(path, raw.get("keep_fp32", {})),
         tokens=raw.get("tokens", {}), attention=tuple(raw.get("attention", [])),
         attention_kernels=tuple(raw.get("attention_kernels", ["eager"])), buffers=tuple(raw.get("buffers", [])),
         forward_tensors=tuple(raw.get("forward_tensors", [])),
         flow=raw.get("flow", {}),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
+
+
+def _keep_fp32(path: Path, table: dict) -> dict:
+    """The ``[keep_fp32]`` table: ``modules`` (the class's ``_keep_in_fp32_modules``) and ``strict`` (its
+    ``_keep_in_fp32_modules_strict``), each a list of transformers' patterns; both empty when the table is absent."""
+    unknown = set(table) - {"modules", "strict"}
+    if unknown:
+        raise ValueError(f"{path.name}: [keep_fp32] knows modules and strict, not {', '.join(sorted(unknown))}")
+    return {"keep_fp32": tuple(table.get("modules", [])), "keep_fp32_strict": tuple(table.get("strict", []))}
 
 
 def _inherit(parent: dict, child: dict) -> dict:

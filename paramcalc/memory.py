@@ -3,7 +3,8 @@
 Weights, gradients and optimizer state follow from the parameter counts and the step's precision:
 
 - weights: every parameter at the step's dtype (fp32 master weights under mixed precision), plus the
-  model's buffers;
+  model's buffers; what ``from_pretrained`` keeps in fp32 when it loads in half precision stays fp32 (the
+  family file's ``[keep_fp32]``: T5's ``wo`` in fp16; ``parameter_dtype``);
 - gradients: one per trainable parameter, in the parameter's dtype;
 - optimizer state, per trainable parameter (torch.optim and the cited libraries): Adam/AdamW two
   moments (exp_avg, exp_avg_sq) in the parameter's dtype plus a 4-byte ``step`` per parameter tensor;
@@ -57,21 +58,36 @@ def weights_dtype(result, step: Step) -> str:
     return loaded
 
 
-def parameter_tensors(result, width: int) -> list[tuple[str, int, bool, int]]:
-    """(name, numel, trainable, bytes as stored) for every parameter tensor of the model.
+def parameter_dtype(component, parameter: str, dtype: str, family) -> str:
+    """The dtype one parameter (``parameter``: its full name; quantized weights aside) has in a model loaded
+    in ``dtype``, PEFT applied. The one rule for bytes as stored: ``quant.apply`` and ``parameter_tensors``
+    both read it.
 
-    peft keeps the weights it adds in fp32 even on a half-precision model (``autocast_adapter_dtype``);
-    the trainable copies of saved modules keep the module's dtype. Quantized weights (never trainable)
-    take the bytes bitsandbytes stores for them.
+    - peft keeps the weights it adds in fp32 even on a half-precision model (``get_peft_model``'s
+      ``autocast_adapter_dtype=True``); the trainable copies of saved modules keep the module's dtype;
+    - every other parameter as ``from_pretrained(..., dtype=dtype)`` loads it (``Family.loaded_dtype``): the
+      dtype asked for, except what the family file's ``[keep_fp32]`` keeps in fp32 (T5's ``wo`` in fp16).
+      ``family`` None (a model without a family file): the dtype asked for.
+    """
+    if component.group == "peft" and "modules_to_save" not in component.name:
+        return "fp32"
+    return family.loaded_dtype(parameter, dtype) if family is not None else dtype
+
+
+def parameter_tensors(result, dtype: str) -> list[tuple[str, int, bool, int]]:
+    """(name, numel, trainable, bytes as stored) for every parameter tensor of the model loaded in ``dtype``.
+
+    Each parameter in its ``parameter_dtype``. Quantized weights (never trainable) take the bytes
+    bitsandbytes stores for them; a 4-bit module's bias the compute dtype its first forward casts it to.
     """
     from . import quant
 
     values = result.values
+    family = None if result.generic else families()[result.family]
     quantized = set(result.quant.quantized) if result.quant else set()
     options = result.quant.options if result.quant else None
     tensors = []
     for component in result.components:
-        own = 4 if component.group == "peft" and "modules_to_save" not in component.name else width
         module_quantized = component.name in quantized or f"{component.name.removesuffix(' bias')} weight" in quantized
         for name, shape in concrete_parameters(component, values).items():
             elements = math.prod(shape)
@@ -81,7 +97,7 @@ def parameter_tensors(result, width: int) -> list[tuple[str, int, bool, int]]:
             elif module_quantized and options.type != "int8":  # the bias, cast to the compute dtype
                 nbytes = elements * DTYPE_BYTES[options.compute_dtype]
             else:
-                nbytes = elements * own
+                nbytes = elements * DTYPE_BYTES[parameter_dtype(component, name, dtype, family)]
             tensors.append((name, elements, component.trainable, nbytes))
     return tensors
 
@@ -97,8 +113,7 @@ def buffer_bytes(result) -> int:
 
 
 def model_states(result, step: Step) -> ModelStates:
-    width = DTYPE_BYTES[weights_dtype(result, step)]  # mixed precision keeps fp32 parameters
-    tensors = parameter_tensors(result, width)
+    tensors = parameter_tensors(result, weights_dtype(result, step))  # mixed precision keeps fp32 parameters
     trainable = [(numel, nbytes // max(numel, 1)) for _, numel, train, nbytes in tensors if train]
     weights = sum(nbytes for *_, nbytes in tensors) + buffer_bytes(result)
     gradients = sum(numel * size for numel, size in trainable)  # a gradient has its parameter's dtype

@@ -15,16 +15,22 @@ The real parameter count does not change. What changes:
 
 Which modules transformers quantizes (``quantizers/base.py: get_keys_to_not_convert``): every Linear and
 Conv1D except the output embedding, tied weights, the module of the model's last parameter when that
-parameter is a weight, and the model's ``_keep_in_fp32_modules`` (T5's ``wo``).
+parameter is a weight, and the model's ``_keep_in_fp32_modules`` (the family file's ``[keep_fp32] modules``:
+T5's ``wo``), whatever the dtype.
+
+The parameters left unquantized are stored in ``dtype=``, except what loading keeps in fp32: in fp16 the
+``_keep_in_fp32_modules`` too (so T5's ``wo`` is an fp32 ``nn.Linear`` beside fp16 weights; in bf16 it is
+bf16), and peft's adapters (``memory.parameter_dtype``, the rule the memory model reads as well).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from . import expr
 from .errors import ParamcalcError
-from .families import numel
+from .families import concrete_parameters, numel
 
 TYPES = ("nf4", "fp4", "int8")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # torch.float32 / float16 / bfloat16 element sizes
@@ -113,30 +119,32 @@ class QuantSummary:
 def apply(result, options: Options, family) -> QuantSummary:
     """Size every component as stored, and freeze the quantized weights (a trainable bias of a quantized
     module gets a row of its own: transformers' loading leaves it trainable)."""
+    from .memory import parameter_dtype
     from .tuners.common import split
 
     values = result.values
     base = [c for c in result.components if c.group != "peft"]
     last = next((c for c in reversed(base) if c.kind != "tied"), None)
-    keep = set(family.quant.get("keep_fp32", []))
+    keep = set(family.keep_fp32)  # never quantized, in any dtype (bitsandbytes' quantizer skips them)
     quantized, rows, extra_print, packed_saving, total_bytes, frozen = [], [], 0, 0, 0, 0
     for component in result.components:
         per_numel = {s: numel(shape, values) for s, shape in component.shapes.items()}
-        component.weight_bytes = sum(per_numel.values()) * component.repeat_count * DTYPE_BYTES[options.dtype]
+        stored = {name: math.prod(shape) * DTYPE_BYTES[parameter_dtype(component, name, options.dtype, family)]
+                  for name, shape in concrete_parameters(component, values).items()}
+        component.weight_bytes = sum(stored.values())
         if not _quantizable(component, last, keep):
             total_bytes += component.weight_bytes
             rows.append(component)
             continue
         parts = split(component, {"bias"}, values) if component.trainable else [component]
-        for part in parts:
-            part.weight_bytes = component.weight_bytes * part.count // max(component.count, 1)
         weight = parts[0]
         weight.trainable = False
         n = per_numel["weight"]
-        bias = per_numel.get("bias", 0) * DTYPE_BYTES[options.dtype]
-        weight.weight_bytes = component.repeat_count * (
-            weight_bytes(n, expr.evaluate(component.args["out_features"], values), options)
-            + (bias if len(parts) == 1 else 0))
+        bias = sum(nbytes for name, nbytes in stored.items() if name.endswith(".bias"))  # left unquantized
+        weight.weight_bytes = component.repeat_count * weight_bytes(
+            n, expr.evaluate(component.args["out_features"], values), options) + (bias if len(parts) == 1 else 0)
+        if len(parts) == 2:  # the trainable bias's own row
+            parts[1].weight_bytes = bias
         total_bytes += sum(part.weight_bytes for part in parts)
         rows.extend(parts)
         quantized.append(weight.name)

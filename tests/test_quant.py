@@ -42,6 +42,11 @@ CASES = [
     ("bloom-560m", "token-cls", "fp4"),
     ("t5-small", "seq2seq-lm", "nf4"),
     ("t5-v1_1-small", "seq-cls", "nf4,double_quant=true"),
+    # T5's wo stays an unquantized Linear, fp32 when the rest loads in fp16 (_keep_in_fp32_modules), bf16 in bf16
+    ("t5-small", "seq2seq-lm", "nf4,dtype=fp16"),
+    ("t5-v1_1-small", "seq2seq-lm", "int8,dtype=fp16"),
+    ("t5-v1_1-small", "seq-cls", "fp4,dtype=bf16"),
+    ("bloom-560m", "causal-lm", "nf4,dtype=fp16"),
 ]
 
 
@@ -85,6 +90,22 @@ def test_peft_print_on_a_quantized_model_with_lora():
     odd_weights = sum(1 for n, p in real.named_parameters()
                       if type(p).__name__ == "Params4bit" and (2 * p.numel()) != p.quant_state.shape.numel())
     assert result.quant.peft_print[1] == result.total_params + odd_weights  # one more per odd-sized weight
+
+
+@pytest.mark.parametrize(("model", "task", "spec", "peft"), [
+    ("t5-small", "seq2seq-lm", "nf4,dtype=fp16", "lora:r=4"), ("t5-small", "seq2seq-lm", "int8,dtype=fp16", "ia3"),
+    ("bloom-560m", "causal-lm", "nf4,dtype=bf16", "lora:r=4"), ("gpt2", "causal-lm", "fp4,dtype=fp16", "lora:r=4")])
+def test_weight_bytes_of_a_half_precision_quantized_model_with_peft(model, task, spec, peft):
+    # peft's adapters stay fp32 on a half-precision base (autocast_adapter_dtype); T5's wo fp32 in fp16 (IA3
+    # scales wo's input: its base layer keeps the dtype loading gave it)
+    from paramcalc.quantized import stored_bytes
+    from paramcalc.verify import apply_real_peft
+
+    result = paramcalc.count(model, task=task, overrides=SHRINK[model], quant=spec, peft=peft, formulas=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = apply_real_peft(quantized_model(result), result)
+    assert stored_bytes(real) == result.quant.weight_bytes
 
 
 def test_real_count_is_unchanged_and_bytes_shrink():

@@ -151,6 +151,15 @@ def _family_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "formulas"  # a source checkout
 
 
+def family_path(name: str) -> Path:
+    """The formula file of family ``name`` (e.g. ``"gpt2"``), installed or in a source checkout: the file to read
+    next to a count's rows, or to start from when adding a family."""
+    path = _family_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ParamcalcError(f"no formula file for family {name!r}; the families are: {', '.join(sorted(families()))}")
+    return path
+
+
 @functools.cache
 def families() -> dict[str, Family]:
     """All family files, by family name."""

@@ -128,3 +128,17 @@ def test_bad_custom_modules_are_one_line_errors(kwargs, message):
     with pytest.raises(ParamcalcError) as error:
         paramcalc.count(**kwargs)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_family_path_finds_every_formula_file():
+    """Notebooks and users read a family's file next to its rows: the path must hold that family, installed or not."""
+    import tomllib
+
+    from paramcalc import families
+    from paramcalc.errors import ParamcalcError
+
+    for name in families.families():
+        raw = tomllib.loads(families.family_path(name).read_text())
+        assert raw["family"] == name
+    with pytest.raises(ParamcalcError, match="no formula file for family 'llama'"):
+        families.family_path("llama")

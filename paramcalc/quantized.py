@@ -29,7 +29,7 @@ import os
 from .errors import ParamcalcError
 from .quant import BLOCK
 
-from .runtime import TORCH_DTYPES
+from .runtime import TORCH_DTYPES, keep_in_fp32
 
 
 def bnb_config(options):
@@ -119,24 +119,9 @@ def build_quantized_meta_model(result, attention: str | None = None, config=None
     options = result.quant.options
     with default_dtype(options.dtype), torch.device("meta"):
         model = cls(config)
-    _keep_in_fp32(model, getattr(torch, TORCH_DTYPES[options.dtype]))
+    keep_in_fp32(model, options.dtype)
     quantize_on_meta(model, options, pack=True)
     return model.train()
-
-
-def _keep_in_fp32(model, dtype) -> None:
-    """Upcast what loading keeps in fp32: in fp16 the model's ``_keep_in_fp32_modules`` (T5's ``wo``), in fp16
-    or bf16 its ``_keep_in_fp32_modules_strict``. transformers' loader takes them from the model's
-    ``_get_dtype_plan(dtype)`` and upcasts every parameter whose name one of its patterns matches (a regex
-    search, ``*`` for any text)."""
-    import re
-
-    plan = model._get_dtype_plan(dtype)
-    for key, kept in plan.items():
-        pattern = re.compile(key.replace("*", ".*"))
-        for name, parameter in model.named_parameters():
-            if pattern.search(name):
-                parameter.data = parameter.data.to(kept)
 
 
 # --- bitsandbytes' modules on the meta device -------------------------------------------------------------

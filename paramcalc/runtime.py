@@ -61,6 +61,24 @@ def default_dtype(name: str):
         torch.set_default_dtype(before)
 
 
+def keep_in_fp32(model, dtype: str) -> None:
+    """Upcast what loading in ``dtype`` keeps in fp32, so a model built from its config has the dtypes
+    ``from_pretrained`` gives (and paramcalc predicts): in fp16 the model's ``_keep_in_fp32_modules`` (T5's
+    ``wo``), in fp16 or bf16 its ``_keep_in_fp32_modules_strict``. transformers' loader takes them from the
+    model's ``_get_dtype_plan(dtype)`` and upcasts every parameter whose name one of its patterns matches (a
+    regex search, ``*`` for any text); building the class alone upcasts nothing."""
+    import re
+
+    import torch
+
+    plan = model._get_dtype_plan(getattr(torch, TORCH_DTYPES[dtype]))
+    for key, kept in plan.items():
+        pattern = re.compile(key.replace("*", ".*"))
+        for name, parameter in model.named_parameters():
+            if pattern.search(name):
+                parameter.data = parameter.data.to(kept)
+
+
 def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", batches=None):
     """The Hugging Face model of ``result`` for ``step`` (its attention resolved: see
     ``step.resolve_attention``), PEFT applied, checkpointing on if asked, in training mode on ``device``."""
@@ -85,6 +103,7 @@ def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", 
         else:
             with default_dtype(step.dtype):
                 model = cls(hf)
+            keep_in_fp32(model, step.dtype)  # as loading a checkpoint in this dtype would
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         if type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc):
             raise

@@ -23,8 +23,10 @@ GIB = 1024**3
 # and fp32, memory bandwidth in bytes/s. Sources: NVIDIA product datasheets (T4, A10, L4, A100, H100 SXM).
 # AWS publishes no A10G datasheet; it is the A10's GA102 chip, so the A10 figures stand in for it.
 DEVICES = {
-    # the T4 (Turing) has fp16 tensor cores but none for bf16: its datasheet gives no bf16 rate
-    "t4": {"memory": 16 * 10**9, "half": 65e12, "fp32": 8.1e12, "bandwidth": 320e9, "kind": "cuda", "bf16": False},
+    # the T4 (Turing) has fp16 tensor cores but none for bf16: its datasheet gives no bf16 rate. Its 16 GB of
+    # GDDR6 lose some to ECC (on by default on data-centre T4s): CUDA reports 15,843,721,216 B in total
+    # (deviceQuery, "Total amount of global memory: 15110 MBytes"), and that is what a step can fill.
+    "t4": {"memory": 15_843_721_216, "half": 65e12, "fp32": 8.1e12, "bandwidth": 320e9, "kind": "cuda", "bf16": False},
     "a10g": {"memory": 24 * 10**9, "half": 125e12, "fp32": 31.2e12, "bandwidth": 600e9, "kind": "cuda"},
     "l4": {"memory": 24 * 10**9, "half": 121e12, "fp32": 30.3e12, "bandwidth": 300e9, "kind": "cuda"},
     "a100-40gb": {"memory": 40 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 1555e9, "kind": "cuda"},

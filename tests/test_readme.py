@@ -148,6 +148,19 @@ def test_readme_python_session(readme_world):
     assert runner.failures == 0, "a README Python example failed (see the output above)"
 
 
+def _shown(expected: str, output: str) -> list[str]:
+    """The new output to show, keeping a leading ``...`` that skips the part shown earlier in README (the
+    output from the line the old block went on with)."""
+    lines = [line.rstrip() for line in output.rstrip("\n").splitlines()]
+    old = expected.splitlines()
+    if len(old) > 1 and old[0] == "...":
+        anchor = old[1].split(" ")[0]  # e.g. 'training step:' lines keep their first word
+        for n, line in enumerate(lines):
+            if line.startswith(anchor):
+                return ["...", *lines[n:]]
+    return lines
+
+
 def update() -> None:
     """Rewrite console outputs that no longer match with what the commands print now."""
     import os
@@ -163,7 +176,7 @@ def update() -> None:
             if example.kind == "console" and not doctest.OutputChecker().check_output(example.expected, output,
                                                                                       FLAGS):
                 print(f"README line {example.line}: {example.command} (exit {status})")
-                changed.append((example.output_lines, [line.rstrip() for line in output.rstrip("\n").splitlines()]))
+                changed.append((example.output_lines, _shown(example.expected, output)))
         for (start, end), output in reversed(changed):  # bottom-up, so earlier line numbers stay valid
             lines[start - 1:end - 1] = output
     README.write_text("\n".join(lines) + "\n")

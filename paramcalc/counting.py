@@ -197,7 +197,7 @@ def count(
         model=resolved.name, family=family.name, task=task, hf_class=family.tasks[task].hf_class,
         components=components, config=config, config_source=resolved.source,
         symbols={s: (k, values[s], family.symbol_docs[s]) for s, k in family.symbols.items() if s in values},
-        notes=_family_notes(family, overridden, values),
+        notes=_family_notes(family, config, task, values),
     )
     methods = tuners_normalise(peft)
     if methods:
@@ -238,14 +238,14 @@ def tuners_normalise(peft):
     return normalise(peft)
 
 
-def _family_notes(family, original: dict, values: dict[str, int]) -> list[str]:
+def _family_notes(family, config: dict, task: str, values: dict[str, int]) -> list[str]:
     notes = []
-    if family.name == "t5" and original.get("tie_word_embeddings") is False:
+    if family.name == "t5" and task == "seq2seq-lm" and config.get("tie_word_embeddings") is False:
         head = values["V"] * values["D"]
         notes.append(
-            "config.json says tie_word_embeddings=false (T5 v1.1), but transformers >= 5 always ties T5's "
-            f"lm_head to the shared embedding; the released checkpoint stores its own head of V*D = {head:,} "
-            "parameters, which transformers 4.x counted (add it for seq2seq-lm to compare with such figures)"
+            "transformers ties T5's lm_head to the shared embedding only when it builds the model from its config "
+            "alone (T5Config forces tie_word_embeddings=true); a released v1.1 checkpoint (tie_word_embeddings=false) "
+            f"keeps its own head, which from_pretrained leaves untied, as paramcalc counts it: V*D = {head:,}"
         )
     return notes
 

@@ -56,16 +56,22 @@ def config_keys(config: dict) -> dict:
 
 
 def build_meta_model(config: dict, class_name: str | None = None, task: str = "base"):
-    """Instantiate the model on the meta device: every parameter has its real shape, no storage."""
+    """Instantiate the model on the meta device: every parameter has its real shape, no storage; the model
+    ``from_pretrained`` gives (``runtime.as_loaded``: a T5 v1.1 ``lm_head`` of its own), not the one the
+    class alone builds."""
     import torch
     import transformers
+
+    from .runtime import as_loaded
 
     hf = hf_config(config)
     try:
         with torch.device("meta"):
             if class_name:
-                return getattr(transformers, class_name)(hf)
-            return getattr(transformers, AUTO_CLASSES[task]).from_config(hf)
+                model = getattr(transformers, class_name)(hf)
+            else:
+                model = getattr(transformers, AUTO_CLASSES[task]).from_config(hf)
     except Exception as exc:  # no mapping for this task, padding_idx out of range, sizes too large...
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ParamcalcError(f"transformers cannot build this model for task {task!r}: {first_line}") from None
+    return as_loaded(model, config)

@@ -29,7 +29,7 @@ import os
 from .errors import ParamcalcError
 from .quant import BLOCK
 
-from .runtime import TORCH_DTYPES, keep_in_fp32
+from .runtime import TORCH_DTYPES, as_loaded
 
 
 def bnb_config(options):
@@ -89,7 +89,7 @@ def build_quantized_model(result, seed: int = 0, weights_dir: str | os.PathLike 
     try:
         if weights_dir is None:
             torch.manual_seed(seed)
-            source = cls(config)
+            source = as_loaded(cls(config), result.config)  # a v1.1 T5 head of its own, as a checkpoint has
             weights = source.state_dict()
             del source
             model = cls.from_pretrained(None, state_dict=weights, **kwargs)
@@ -119,7 +119,7 @@ def build_quantized_meta_model(result, attention: str | None = None, config=None
     options = result.quant.options
     with default_dtype(options.dtype), torch.device("meta"):
         model = cls(config)
-    keep_in_fp32(model, options.dtype)
+    as_loaded(model, result.config, options.dtype)
     quantize_on_meta(model, options, pack=True)
     return model.train()
 

@@ -61,9 +61,21 @@ def default_dtype(name: str):
         torch.set_default_dtype(before)
 
 
+def as_loaded(model, config: dict, dtype: str = "fp32"):
+    """``model``, built from ``config`` (paramcalc's normalised config dict) by its class, made what
+    ``from_pretrained`` of a checkpoint in ``dtype`` gives and paramcalc counts; every builder of a model from
+    a config goes through here (``--verify``'s meta model, ``paramcalc train``'s seeded model, the traced and
+    the quantized ones). With ``--weights DIR`` transformers' loading does it itself.
+
+    Two differences: loading keeps some parameters in fp32 (``keep_in_fp32``), and it leaves a head untied
+    that the class ties to its input embeddings whatever the config says (``untie_output_embeddings``)."""
+    keep_in_fp32(model, dtype)
+    untie_output_embeddings(model, config)
+    return model
+
+
 def keep_in_fp32(model, dtype: str) -> None:
-    """Upcast what loading in ``dtype`` keeps in fp32, so a model built from its config has the dtypes
-    ``from_pretrained`` gives (and paramcalc predicts): in fp16 the model's ``_keep_in_fp32_modules`` (T5's
+    """Upcast what loading in ``dtype`` keeps in fp32: in fp16 the model's ``_keep_in_fp32_modules`` (T5's
     ``wo``), in fp16 or bf16 its ``_keep_in_fp32_modules_strict``. transformers' loader takes them from the
     model's ``_get_dtype_plan(dtype)`` and upcasts every parameter whose name one of its patterns matches (a
     regex search, ``*`` for any text); building the class alone upcasts nothing."""
@@ -77,6 +89,37 @@ def keep_in_fp32(model, dtype: str) -> None:
         for name, parameter in model.named_parameters():
             if pattern.search(name):
                 parameter.data = parameter.data.to(kept)
+
+
+def untie_output_embeddings(model, config: dict) -> None:
+    """Give the output embedding (``lm_head``) its own parameter when a family's config says
+    ``tie_word_embeddings: false`` but the class tied it anyway, as loading the released checkpoint does.
+
+    T5 is that family: transformers 5's T5Config forces ``tie_word_embeddings=True`` (T5Config.__post_init__),
+    so ``T5ForConditionalGeneration(config)`` ties ``lm_head`` to ``shared``; a v1.1 checkpoint stores both
+    with different values and ``from_pretrained`` leaves them untied (modeling_utils.py,
+    PreTrainedModel.tie_weights, which also drops ``lm_head.weight`` from ``all_tied_weights_keys``). A
+    model with no family file is left as transformers builds it (LongT5 checkpoints store ``shared`` only).
+
+    The new weight has the tied one's shape, dtype and device (meta included) and the values
+    T5PreTrainedModel._init_weights gives an untied ``lm_head`` (normal, std ``initializer_factor``), so a
+    seeded build differs from ``shared`` as a checkpoint does. Nothing ties it back: ``get_peft_model`` and
+    gradient checkpointing do not tie; an explicit ``model.tie_weights()`` re-ties it, as it does a loaded one.
+    """
+    from . import families
+
+    if families.family_for(config.get("model_type")) is None or config.get("tie_word_embeddings") is not False:
+        return
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return  # no head (T5Model, the classifiers), or one the class already builds untied (GPT-2, BLOOM...)
+    import torch
+
+    tied = head.weight
+    head.weight = torch.nn.Parameter(torch.empty_like(tied), requires_grad=tied.requires_grad)
+    torch.nn.init.normal_(head.weight, mean=0.0, std=getattr(model.config, "initializer_factor", 1.0))
+    name = next(name for name, module in model.named_modules() if module is head)
+    getattr(model, "all_tied_weights_keys", {}).pop(f"{name}.weight", None)
 
 
 def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", batches=None):
@@ -103,7 +146,7 @@ def build_model(result, step, seed: int = 0, weights=None, device: str = "cpu", 
         else:
             with default_dtype(step.dtype):
                 model = cls(hf)
-            keep_in_fp32(model, step.dtype)  # as loading a checkpoint in this dtype would
+            model = as_loaded(model, result.config, step.dtype)  # what loading a checkpoint in this dtype gives
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         if type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc):
             raise

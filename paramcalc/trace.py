@@ -186,7 +186,7 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
     if result.task == "seq-cls" and getattr(hf, "pad_token_id", None) is None:
         hf.pad_token_id = 0  # GPT-2/BLOOM find each sequence's last token by padding; any id does on fake data
     hf._attn_implementation = attn_implementation(step, "cpu")
-    from .runtime import default_dtype, keep_in_fp32
+    from .runtime import as_loaded, default_dtype
 
     tracker = _live_storage_tracker()
     try:  # build in the step's dtype, on meta; apply peft there, then give every tensor a fake twin
@@ -195,7 +195,7 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
     except ValueError as exc:  # e.g. BLOOM has no sdpa path
         raise ParamcalcError(f"transformers cannot build {result.hf_class} this way: "
                              f"{str(exc).splitlines()[0][:200]}") from None
-    keep_in_fp32(model, weights_dtype(result, step))  # the dtypes from_pretrained gives (T5's wo in fp16)
+    as_loaded(model, result.config, weights_dtype(result, step))  # T5's wo in fp32 in fp16, a v1.1 lm_head
     if result.quant:  # bitsandbytes modules, as from_pretrained(quantization_config=...) makes them
         quantized.quantize_on_meta(model, result.quant.options)
         notes.append(f"{result.quant.options.type} weights quantized by bitsandbytes on fake tensors; its 4-bit "

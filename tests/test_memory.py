@@ -117,7 +117,7 @@ def test_masks_and_position_biases_at_long_sequences(family, attention, precisio
 
 @pytest.mark.parametrize(("model", "task", "batch", "seq"), [
     ("bert-base-uncased", "seq-cls", 8, 128), ("roberta-base", "seq-cls", 8, 128), ("gpt2", "causal-lm", 4, 128),
-    ("t5-small", "seq2seq-lm", 4, 128), ("bloom-560m", "causal-lm", 2, 128)])
+    ("t5-small", "seq2seq-lm", 4, 128), ("t5-v1_1-small", "seq2seq-lm", 4, 128), ("bloom-560m", "causal-lm", 2, 128)])
 def test_catalog_models_full_fine_tuning(model, task, batch, seq):
     """Real sizes, fp32 full fine-tuning with AdamW: the replay is within 1 % of the traced peak."""
     result = paramcalc.count(model, task=task, formulas=False)

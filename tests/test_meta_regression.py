@@ -61,7 +61,13 @@ def test_verify_reports_a_wrong_formula_by_parameter_name():
     assert any("pooler.dense.weight" in line for line in verification.mismatches())
 
 
-def test_t5_v1_1_reports_the_untied_checkpoint_head():
+def test_t5_v1_1_counts_the_head_its_checkpoint_keeps():
+    # transformers 5 ties T5's lm_head only when it builds the model from its config; google/t5-v1_1-small's
+    # checkpoint stores a head of its own, 32,128 * 512, which from_pretrained leaves untied (the widely
+    # quoted 77M). The meta model verify builds is the loaded one (runtime.as_loaded).
     result = paramcalc.count("t5-v1_1-small", task="seq2seq-lm")
-    # transformers >= 5 ties the head; the note gives the released checkpoint's own head: 32,128 * 512
-    assert any("16,449,536" in note for note in result.notes)
+    head = result.component("LM head")
+    assert (head.count, head.tied_to, head.group) == (16_449_536, None, "head")
+    assert result.total_params == 76_961_152 == verify(result).meta_total
+    assert any("16,449,536" in note and "untied" in note for note in result.notes)
+    assert not paramcalc.count("t5-v1_1-small").notes  # T5Model has no head: nothing to say

@@ -26,6 +26,18 @@ def test_t5_small_matches_published_count():
     assert paramcalc.count("t5-small", task="seq2seq-lm").total_params == 60_506_624
 
 
+@pytest.mark.parametrize(("model", "base", "with_head"), [
+    ("t5-v1_1-small", 60_511_616, 76_961_152),  # the "77M" quoted for google/t5-v1_1-small
+    ("t5-v1_1-base", 222_903_552, 247_577_856),  # the "248M" quoted for google/t5-v1_1-base
+])
+def test_t5_v1_1_seq2seq_lm_counts_the_checkpoints_own_head(model, base, with_head):
+    # the released v1.1 checkpoints store lm_head.weight beside shared.weight (tie_word_embeddings: false), and
+    # from_pretrained keeps both: the shared embedding once, plus a V*D head
+    assert paramcalc.count(model).total_params == base
+    result = paramcalc.count(model, task="seq2seq-lm")
+    assert result.total_params == with_head == base + result.values["V"] * result.values["D"]
+
+
 @pytest.mark.parametrize("entry", [e for e in catalog.entries().values() if e.published_params],
                          ids=lambda e: e.name)
 def test_catalog_published_counts(entry):

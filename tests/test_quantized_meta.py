@@ -24,6 +24,9 @@ SMALL = {
                                       "intermediate_size": 33, "vocab_size": 101}),
     "t5-small": ("seq2seq-lm", {"num_layers": 2, "d_model": 15, "num_heads": 3, "d_kv": 5, "d_ff": 33,
                                 "vocab_size": 99}),
+    # tie_word_embeddings: false: an lm_head of its own, left unquantized as the output embedding
+    "t5-v1_1-small": ("seq2seq-lm", {"num_layers": 2, "num_decoder_layers": 2, "d_model": 15, "num_heads": 3,
+                                     "d_kv": 5, "d_ff": 33, "vocab_size": 99}),
 }
 SPECS = ["nf4", "nf4,double_quant=true", "int8", "fp4,dtype=bf16", "nf4,double_quant=true,dtype=fp16"]
 

@@ -24,21 +24,32 @@ MATMUL_KINDS = ("linear", "conv1d", "tied")
 # flow ops without a weight (residual add, product, dropout, activation, casts, scaling, views): they pass
 # gradients on and count no matmul FLOPs
 ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token", "keep")
+SAVING = ("*", "act")  # of those, the ones that save a tensor for backward (a product its factors)
 UNMODELLED = ("prompt", "prefix", "ptuning", "adapter")  # change sequence lengths or add modules to the flow
 
 
 @dataclass
 class Flops:
+    """One step's matmul FLOPs, split where ``FlopCounterMode`` sees them happen.
+
+    ``forward``: the forward pass, up to the loss. ``backward``: all of ``loss.backward()``: input and weight
+    gradients, and, with gradient checkpointing, the checkpointed layers' forward run a second time to remake
+    what they did not keep (``recompute``, a part of ``backward``). ``total``: forward + backward, the whole
+    step (the optimizer's update is elementwise: no matmul).
+    """
+
     forward: int
-    backward: int
-    rows: dict[str, list[int]]  # row or attention core -> [forward, backward]
+    backward: int  # gradients + recompute
+    rows: dict[str, list[int]]  # row or attention core -> [forward, backward]; backward without the recompute
+    recompute: int = 0  # the checkpointed layers' second forward, inside backward
 
     @property
     def total(self) -> int:
         return self.forward + self.backward
 
     def to_dict(self) -> dict:
-        return {"forward": self.forward, "backward": self.backward, "total": self.total}
+        return {"forward": self.forward, "backward": self.backward, "recompute": self.recompute,
+                "total": self.total}
 
 
 @dataclass
@@ -72,15 +83,48 @@ def step_flops(result, step: Step, device: str = "cpu") -> Flops:
     modules = _modules(result, family, values)
     needs_grad: dict[str, bool] = {}
     rows: dict[str, list[int]] = {}
-    for part in family.tasks[result.task].parts:
-        layers = _layers(result, part)
-        for _ in range(layers):
+    recompute = 0
+    parts = family.tasks[result.task].parts
+    # transformers' gradient_checkpointing_enable hooks the input embeddings (enable_input_require_grads):
+    # their output needs a gradient even when they are frozen, so every layer after them pays for input
+    # gradients
+    lookup = family.flow[parts[0]][0].partition(":")[2].strip() if step.grad_checkpointing else None
+    for part in parts:
+        checkpointed = step.grad_checkpointing and _repeated(result, part)
+        for _ in range(_layers(result, part)):
             written: set[str] = set()
+            before, skipped = sum(f for f, _ in rows.values()), 0
             for op in family.flow.get(part, []):
                 if op == "|":  # a scope boundary, for the memory replay
                     continue
-                _run(op, modules, needs_grad, rows, family, values, step, written, (result.config, device))
-    return Flops(sum(f for f, _ in rows.values()), sum(b for _, b in rows.values()), rows)
+                saves = _run(op, modules, needs_grad, rows, family, values, step, written, (result.config, device))
+                if saves is not None:
+                    skipped = saves
+                if lookup and op.startswith("->") and op.partition(":")[2].strip() == lookup:
+                    needs_grad[_io_target(op)] = True
+            if checkpointed and any(needs_grad.get(target) for target in written):
+                recompute += sum(f for f, _ in rows.values()) - before - skipped
+    forward, backward = sum(f for f, _ in rows.values()), sum(b for _, b in rows.values())
+    return Flops(forward, backward + recompute, rows, recompute)
+
+
+# Gradient checkpointing (torch.utils.checkpoint, non-reentrant, as transformers runs it): a checkpointed layer
+# keeps only its inputs, and backward runs its forward again when it first needs what the layer saved. The
+# re-run stops early (torch's early stop, on by default) as soon as every tensor the first run saved has been
+# saved again: autograd saves an op's inputs before its kernel runs, so when the layer's last op that saves
+# anything is a matmul (it saves its inputs only; a LoRA'd module's last matmul is B's), that matmul's kernel is
+# not run again. Ops that save nothing (residual adds, dropout with p=0, casts) do not hold the re-run back.
+# A layer none of whose ops takes part in backward is not re-run at all.
+
+
+def _repeated(result, part: str) -> bool:
+    """A part made of repeated layers (even one): transformers checkpoints each of them (its
+    GradientCheckpointingLayer blocks)."""
+    return any(c.part == part and c.repeat != "1" for c in result.components)
+
+
+def _io_target(op: str) -> str:
+    return op.partition(":")[0].partition("->")[2].strip()
 
 
 def _layers(result, part: str) -> int:
@@ -134,42 +178,51 @@ def _count_of(result, param: str) -> int:
     return next(c.repeat_count for c in result.components if c.param == param and c.group != "peft")
 
 
-def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written: set[str], where) -> None:
+def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written: set[str], where) -> int | None:
+    """Count one op of the flow. Returns None when it saves nothing for backward, else the forward FLOPs of
+    its last kernel when that kernel saves only its inputs (a matmul), 0 when it saves an output too."""
     flow, _, name = op.partition(":")
     sources, _, target = flow.partition("->")
     inputs = [s.strip() for s in sources.split(",") if s.strip()]
     name, target = name.strip(), target.strip()
     grad_in = any(needs_grad.get(s, False) for s in inputs)
     if any(s not in needs_grad for s in inputs):  # a branch this config does not have
-        return
-    if name.split(" ")[0] in ELEMENTWISE:  # no matmul, no weight
+        return None
+    kind = name.split(" ")[0]
+    if kind in ELEMENTWISE:  # no matmul, no weight
         needs_grad[target] = grad_in
         written.add(target)
-        return
+        if kind == "dropout":  # dropout with p=0 returns its input: nothing saved
+            return 0 if grad_in and float(where[0].get(name.split()[1], 0.0) or 0.0) > 0 else None
+        return 0 if grad_in and kind in SAVING else None
     if name.startswith("attention core"):
         written.add(target)
         needs_grad[target] = _attention(name, inputs, needs_grad, rows, family, values, step, *where, modules)
-        return
+        return 0 if needs_grad[target] else None
     tied_copy = name.endswith(" [tied]")  # the model runs a tied twin: same weight, no PEFT wrapper
     module = modules.get(name.removesuffix(" [tied]"))
     if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5):
         if target not in written:  # a stream left over from the previous layer is not this one's
             needs_grad.pop(target, None)
-        return
+        return None
     written.add(target)
     if tied_copy:
         needs_grad[target] = grad_in or module.weight_trains
-        return
+        return None
     grad_out = grad_in or module.any_trains
+    needs_grad[target] = grad_out
+    last = 0
     if module.kind in MATMUL_KINDS and module.fan_in:
-        one = 2 * module.tokens * module.fan_in * module.fan_out
+        one = last = 2 * module.tokens * module.fan_in * module.fan_out
         forward = one
         backward = one * ((grad_in or module.ia3_input) + module.weight_trains)
         if module.lora_rank:
             a = 2 * module.tokens * module.fan_in * module.lora_rank
-            b = 2 * module.tokens * module.lora_rank * module.fan_out
+            b = last = 2 * module.tokens * module.lora_rank * module.fan_out
             forward += a + b
             backward += a * (1 + grad_in) + 2 * b  # A: weight (+ input); B: weight and input
+        if module.ia3_output:  # the scaling after the matmul saves the matmul's output
+            last = 0
         totals = rows.setdefault(name, [0, 0])
         totals[0] += forward
         totals[1] += backward if grad_out or module.weight_trains else 0
@@ -178,7 +231,7 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
         totals = rows.setdefault(name, [0, 0])
         totals[0] += 2 * module.tokens * module.lora_rank * module.fan_out
         totals[1] += 4 * module.tokens * module.lora_rank * module.fan_out  # B's weight and input
-    needs_grad[target] = grad_out
+    return last if grad_out else None
 
 
 def _attention(name, inputs, needs_grad, rows, family, values, step: Step, config: dict, device: str,

@@ -237,9 +237,6 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
     if source == "trace":
         formulas["activations"] = "what the traced step's forward kept, alive at the peak (fake tensors)"
     throughput = _throughput(flops, states, step, chosen, result) if flops else None
-    if flops and step.grad_checkpointing:
-        notes.append("FLOPs and step time leave out the checkpointed layers' second forward in backward "
-                     "(about one more forward pass of the layers)")
     return Plan(memory, formulas, flops, throughput, chosen, parallel, phases[0], notes, step, phases[1], source)
 
 
@@ -261,8 +258,10 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
     if not (methods & set(UNMODELLED)) and not any(getattr(o, "dora", False) for _, o in result.peft_options):
         counted = step_flops(result, step, device=chosen.kind)
         optimizer_flops = 0  # the update is elementwise: FlopCounterMode counts no matmul in it
-        flops = {"forward": counted.forward, "backward": counted.backward, "optimizer": optimizer_flops,
-                 "total": counted.total + optimizer_flops}
+        # backward includes the checkpointed layers' second forward, also shown on its own as recompute
+        flops = {"forward": counted.forward, "backward": counted.backward,
+                 **({"recompute": counted.recompute} if step.grad_checkpointing else {}),
+                 "optimizer": optimizer_flops, "total": counted.total + optimizer_flops}
     else:
         notes.append("FLOPs and throughput cover full fine-tuning, LoRA and IA3; prompt methods change the "
                      "sequence (measure them with 'paramcalc trace')")

@@ -39,9 +39,11 @@ def methods(draw, family):
 
 @pytest.mark.parametrize("family", sorted(STRATEGIES))
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("PARAMCALC_EXAMPLES"))
-@given(data=st.data(), batch=st.integers(1, 3), seq=st.integers(1, 24), tgt=st.integers(1, 12))
-def test_flops_equal_flop_counter(family, data, batch, seq, tgt):
-    """Full fine-tuning, LoRA and IA3: forward and backward matmul FLOPs exactly as torch counts them."""
+@given(data=st.data(), batch=st.integers(1, 3), seq=st.integers(1, 24), tgt=st.integers(1, 12),
+       checkpointing=st.booleans())
+def test_flops_equal_flop_counter(family, data, batch, seq, tgt, checkpointing):
+    """Full fine-tuning, LoRA and IA3, with and without gradient checkpointing: forward and backward matmul
+    FLOPs (backward with the checkpointed layers' second forward) exactly as torch counts them."""
     config = data.draw(STRATEGIES[family], label="config")
     task = data.draw(tasks(family), label="task")
     method = data.draw(methods(family), label="method")
@@ -56,7 +58,7 @@ def test_flops_equal_flop_counter(family, data, batch, seq, tgt):
     positions = {"bert": "P", "roberta": "P", "gpt2": "P"}.get(family)
     limit = result.values[positions] - (2 if family == "roberta" else 0) if positions else seq
     step = Step(batch=batch, seq=max(1, min(seq, limit)), tgt_seq=tgt if family == "t5" else None,
-                attention=attention)
+                attention=attention, grad_checkpointing=checkpointing)
     try:
         traced = trace_step(result, step, steady=False)
     except paramcalc.ParamcalcError as exc:  # LoRA on T5's shared embedding alone: nothing trains

@@ -328,12 +328,18 @@ def trace_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
               help="Profile name, used later as --device NAME (default: cpu, or the GPU's name for cuda).")
 @click.option("--device", "kind", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
               help="What to measure.")
-@click.option("--size", type=int, default=None, help="Matrix side of the timed matmuls (default 2048 on cpu, "
-                                                      "8192 on cuda; at least 64).")
+@click.option("--size", type=int, default=None, help="Matrix side of the square matmuls whose rates are the "
+                                                      "headline fp32 / half figures (default 2048 on cpu, 8192 "
+                                                      "on cuda, 256 with --quick; at least 64).")
+@click.option("--quick", is_flag=True, help="Small shapes and two samples: a few seconds, for tests and a first "
+                                            "look (cache-sized shapes: less representative rates).")
 @click.option("--json", "as_json", is_flag=True, help="Print the saved profile as JSON.")
-def calibrate_command(name, kind, size, as_json):
-    """Measure this machine's matmul FLOP/s (fp32 and half precision) and memory bandwidth, and save them
-    as a device profile that throughput estimates use.
+def calibrate_command(name, kind, size, quick, as_json):
+    """Measure this machine and save it as a device profile that throughput estimates use: matmul FLOP/s
+    (fp32 and half precision) and memory bandwidth, plus what a per-op time model needs: matmul rates by
+    shape class (square, Linear, LoRA, attention), elementwise rates (add, mul, softmax, layer_norm, GELU,
+    dropout), the fixed cost of one dispatched op and one AdamW step. Each number is saved with how it was
+    measured.
 
     The CPU's profile (--name cpu) is what the default device reads; any other name becomes
     usable as --device NAME. Profiles live in ~/.cache/paramcalc/profiles (or $PARAMCALC_CACHE_DIR).
@@ -347,7 +353,7 @@ def calibrate_command(name, kind, size, as_json):
     from .calibrate import calibrate, save_profile
 
     try:
-        measured = calibrate(name, kind, size)
+        measured = calibrate(name, kind, size, quick=quick)
         path = save_profile(measured)
     except ParamcalcError as exc:
         raise InputError(str(exc)) from None

@@ -248,7 +248,8 @@ def _rate(value: float, unit: str) -> str:
 
 
 def calibration_table(profile: dict, path) -> "object":
-    """What ``paramcalc calibrate`` measured, and where it saved it."""
+    """What ``paramcalc calibrate`` measured, and where it saved it: the headline rates plan.py uses, then
+    one row per measured op kind (its how, the sizes timed, a rate per size and dtype), grouped."""
     from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
@@ -269,5 +270,52 @@ def calibration_table(profile: dict, path) -> "object":
                   _rate(profile["bandwidth"], "B/s"))
     if profile.get("memory"):
         table.add_row("memory", "physical RAM" if profile["kind"] == "cpu" else "device total", _bytes(profile["memory"]))
+
+    def rates(by_dtype: dict, unit: str) -> str:
+        """One line per dtype, the sizes' rates in one unit (the largest's) so a row reads left to right; each
+        rate 5 characters wide, so the table's layout (and README's copy of it) does not move with the figures."""
+        top = max(max(values) for values in by_dtype.values())
+        prefix, scale = next(((p, s) for p, s in (("T", 1e12), ("G", 1e9), ("M", 1e6)) if top >= s), ("", 1))
+
+        def fixed(value: float) -> str:
+            return f"{value:5.3g}" if value >= 0.1 else f"{value:5.3f}"
+
+        return "\n".join(f"{dtype} " + " · ".join(fixed(v / scale) for v in values) + f" {prefix}{unit}"
+                         for dtype, values in by_dtype.items())
+
+    def matmul(batch, m, k, n) -> str:
+        return f"{batch} x ({m}x{k} @ {k}x{n})" if batch > 1 else f"{m}x{k} @ {k}x{n}"
+
+    # one section per group; the per-op groups are absent from profiles made before per-op calibration
+    gemm = profile.get("gemm", {}).get("classes", {})
+    if gemm:
+        table.add_section()
+    for name, entry in gemm.items():
+        table.add_row(f"matmul: {name.replace('_', ' ')}", escape(entry["how"]) + "\nat " + ", ".join(
+            matmul(*shape) for shape in entry["shapes"]), rates(entry["rate"], "FLOP/s"))
+    elementwise = profile.get("elementwise", {}).get("ops", {})
+    if elementwise:
+        table.add_section()
+    for name, entry in elementwise.items():
+        table.add_row(name, escape(entry["how"]) + "\nat " + ", ".join(f"{r}x{c}" for r, c in entry["shapes"]),
+                      rates(entry["rate"], "B/s"))
+    if "overhead" in profile or "optimizer" in profile:
+        table.add_section()
+    if "overhead" in profile:
+        table.add_row("per-op overhead", escape(profile["overhead"]["how"]),
+                      f"{profile['overhead']['seconds'] * 1e6:.3g} µs/op")
+    if "optimizer" in profile:
+        adamw = profile["optimizer"]
+        runs = ", ".join(f"{r['tensors']} x {r['elements']:,}" for r in adamw["runs"])
+        table.add_row("AdamW step", escape(f"{adamw['how']}; {adamw['implementation']}; tensors x elements: {runs}"),
+                      f"{_rate(1 / adamw['per_byte'], 'B/s')} of state\n+ {adamw['per_tensor'] * 1e6:.3g} µs/tensor")
+    lines = [table]
+    if "how" in profile:
+        lines.append(Text(f"each time: {profile['how']['method']}" + (" (--quick: small shapes)" if profile.get(
+            "quick") else "")))
+    if (profile.get("load") or 0) >= 0.25:
+        lines.append(Text(f"warning: other processes kept {profile['load']:.2f} CPU cores busy while measuring, "
+                          "which slows every figure: calibrate an idle machine", style="yellow"))
     use = "the default device" if profile["name"] == "cpu" else f"--device {profile['name']}"
-    return Group(table, Text(f"saved to {path}; throughput estimates use it as {use}"))
+    lines.append(Text(f"saved to {path}; throughput estimates use it as {use}"))
+    return Group(*lines)

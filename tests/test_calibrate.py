@@ -1,7 +1,8 @@
 """``paramcalc calibrate``: measured rates are saved as a profile that throughput estimates then read.
 
-Wall-clock figures depend on the machine and its load, so they are only checked to be positive and finite.
-Small matrices and a small copy keep each calibration well under a second.
+Wall-clock figures depend on the machine and its load, so they are only checked to be positive and finite
+(and one ordering no load can flip: a 1-element add against a large matmul). ``quick=True`` / ``--quick``
+(small shapes, two samples) keeps each calibration to a few seconds.
 """
 
 import json
@@ -9,9 +10,12 @@ import math
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 
 import paramcalc.calibrate
+import paramcalc.calibrate_ops
 from paramcalc.calibrate import calibrate, save_profile
 
 STEP = ["gpt2", "--task", "causal-lm", "--batch", "2", "--seq", "64", "--json"]
@@ -30,7 +34,7 @@ def positive(value):
 
 
 def test_calibrate_saves_positive_finite_rates(profiles):
-    measured = calibrate(size=64, repeats=2)
+    measured = calibrate(size=64, quick=True)
     assert measured["name"] == "cpu" and measured["kind"] == "cpu" and measured["half_dtype"] == "bf16"
     for key in ("fp32", "half", "bf16", "bandwidth", "memory", "threads"):
         assert positive(measured[key]), key
@@ -42,7 +46,7 @@ def test_calibrate_saves_positive_finite_rates(profiles):
 
 
 def test_saving_is_atomic(profiles, monkeypatch):
-    first = calibrate(size=64, repeats=1)
+    first = calibrate(size=64, repeats=1, quick=True)
     path = save_profile(first)
 
     def interrupted(*args, **kwargs):
@@ -59,7 +63,7 @@ def test_the_default_device_uses_the_calibrated_cpu(cli, profiles):
     before = json.loads(cli(*STEP).stdout)["throughput"]
     assert before["tokens_per_s"] is None and "paramcalc calibrate" in before["why"]
 
-    result = cli("calibrate", "--size", "64", "--json")
+    result = cli("calibrate", "--size", "64", "--quick", "--json")
     assert result.exit_code == 0, result.output
     saved = json.loads(result.stdout)
     assert saved["path"] == str(profiles / "cpu.json") and (profiles / "cpu.json").exists()
@@ -75,7 +79,7 @@ def test_the_default_device_uses_the_calibrated_cpu(cli, profiles):
 
 
 def test_a_named_profile_is_a_device(cli, profiles):
-    assert cli("calibrate", "--size", "64", "--name", "mybox").exit_code == 0
+    assert cli("calibrate", "--size", "64", "--quick", "--name", "mybox").exit_code == 0
     assert (profiles / "mybox.json").exists() and not (profiles / "cpu.json").exists()
     doc = json.loads(cli(*STEP, "--device", "mybox").stdout)
     saved = json.loads((profiles / "mybox.json").read_text())
@@ -84,11 +88,180 @@ def test_a_named_profile_is_a_device(cli, profiles):
     assert doc["device"]["fits"] is (doc["memory"]["peak"] <= saved["memory"])
 
 
-def test_table_says_what_was_measured_and_where_it_went(cli, profiles):
-    result = cli("calibrate", "--size", "64")
+def test_table_says_what_was_measured_and_where_it_went(profiles):
+    from click.testing import CliRunner
+
+    from paramcalc.cli import main
+
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(main, ["calibrate", "--size", "64", "--quick"])  # README's width
     assert result.exit_code == 0, result.output
-    for text in ("fp32 matmul", "bf16 matmul", "memory bandwidth", "FLOP/s", "saved to"):
+    for text in ("fp32 matmul", "bf16 matmul", "memory bandwidth", "FLOP/s", "saved to", "matmul: linear",
+                 "matmul: lora down", "matmul: attention scores", "softmax", "layer_norm", "gelu", "dropout",
+                 "per-op overhead", "AdamW step", "each time: seconds per call", "--quick: small shapes"):
         assert text in result.stdout, text
+
+
+def check_per_op_keys(measured, dtypes):
+    """Every per-op figure is there, positive and finite, beside its how; each class's shapes line up with
+    its rates and work."""
+    assert measured["dtypes"] == dtypes and measured["quick"] is True
+    for key in ("method", "fp32", "half", "bandwidth", "memory", "load"):
+        assert measured["how"][key], key
+    gemm, elementwise = measured["gemm"], measured["elementwise"]
+    assert gemm["how"] and elementwise["how"]
+    assert set(gemm["classes"]) == {"square", "linear", "lora_down", "lora_up", "attention_scores",
+                                    "attention_values"}
+    assert set(elementwise["ops"]) == {"add", "mul", "softmax", "layer_norm", "gelu", "dropout"}
+    for entry in gemm["classes"].values():
+        assert entry["how"] and len(entry["shapes"]) >= 2 and all(len(shape) == 4 for shape in entry["shapes"])
+        assert entry["flops"] == [2 * b * m * k * n for b, m, k, n in entry["shapes"]]
+        assert list(entry["rate"]) == dtypes
+        assert all(len(rates) == len(entry["shapes"]) and all(map(positive, rates)) for rates in entry["rate"].values())
+    for entry in elementwise["ops"].values():
+        assert entry["how"] and len(entry["shapes"]) >= 2 and all(len(shape) == 2 for shape in entry["shapes"])
+        assert list(entry["rate"]) == list(entry["bytes"]) == dtypes
+        for dtype in dtypes:
+            assert len(entry["rate"][dtype]) == len(entry["bytes"][dtype]) == len(entry["shapes"])
+            assert all(map(positive, entry["rate"][dtype] + entry["bytes"][dtype]))
+    assert measured["overhead"]["how"] and positive(measured["overhead"]["seconds"])
+    adamw = measured["optimizer"]
+    assert adamw["how"] and adamw["implementation"]
+    assert positive(adamw["per_byte"]) and positive(adamw["per_tensor"])
+    assert len(adamw["runs"]) == 2 and all(positive(run[key]) for run in adamw["runs"]
+                                           for key in ("tensors", "elements", "state_bytes", "seconds"))
+    assert all(run["state_bytes"] == 16 * run["tensors"] * run["elements"] for run in adamw["runs"])
+    # the headline figures are the largest square matmul's: one measurement, not two
+    square = gemm["classes"]["square"]
+    assert square["shapes"][-1] == [1, measured["size"]] + [measured["size"]] * 2
+    assert measured["fp32"] == square["rate"]["fp32"][-1]
+    assert measured["half"] == square["rate"][measured["half_dtype"]][-1] == max(
+        square["rate"][d][-1] for d in dtypes if d != "fp32")
+
+
+def test_the_profile_holds_every_per_op_figure_with_its_how(profiles):
+    measured = calibrate(quick=True)
+    check_per_op_keys(measured, ["fp32", "bf16"])
+    assert measured["optimizer"]["implementation"].startswith("for-loop")  # torch's default on a CPU
+    assert json.loads(save_profile(measured).read_text()) == measured
+
+
+def test_the_shapes_recorded_are_the_shapes_timed(profiles, monkeypatch):
+    """Every timed call is recorded (op, input shapes, dtype) on its way to torch; the profile's shapes must be
+    exactly those, in each dtype."""
+    import torch
+
+    calls = set()
+
+    def spy(owner, attribute, label, *which):
+        original = getattr(owner, attribute)
+
+        def recorded(*args, **kwargs):
+            tensors = [args[i] for i in which if i < len(args) and isinstance(args[i], torch.Tensor)]
+            if tensors[0].numel() > 1:  # not the per-op overhead's 1-element adds
+                calls.add((label, tuple(tuple(t.shape) for t in tensors), str(tensors[0].dtype)))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, attribute, recorded)
+
+    functional = torch.nn.functional
+    spy(torch, "mm", "mm", 0, 1)
+    spy(torch, "matmul", "matmul", 0, 1)
+    spy(functional, "linear", "linear", 0, 1)
+    for name in ("add", "mul"):
+        spy(torch, name, name, 0)
+    for name in ("softmax", "layer_norm", "gelu", "dropout"):
+        spy(functional, name, name, 0)
+    measured = calibrate(quick=True)
+
+    expected = set()
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        for name, entry in measured["gemm"]["classes"].items():
+            for b, m, k, n in entry["shapes"]:
+                expected.add({"square": ("mm", ((m, k), (k, n)), dtype),
+                              "linear": ("linear", ((m, k), (n, k)), dtype),  # weight out x in, as nn.Linear
+                              "lora_down": ("linear", ((m, k), (n, k)), dtype),
+                              "lora_up": ("linear", ((m, k), (n, k)), dtype),
+                              "attention_scores": ("matmul", ((b, m, k), (b, k, n)), dtype),
+                              "attention_values": ("matmul", ((b, m, k), (b, k, n)), dtype)}[name])
+        for name, entry in measured["elementwise"]["ops"].items():
+            expected |= {(name, ((rows, cols),), dtype) for rows, cols in entry["shapes"]}
+    assert calls == expected
+
+
+def test_the_per_op_overhead_is_smaller_than_a_large_matmul(profiles):
+    measured = calibrate(quick=True)
+    square = measured["gemm"]["classes"]["square"]
+    largest_matmul_s = square["flops"][-1] / square["rate"]["fp32"][-1]  # 256**3 multiply-adds
+    assert measured["overhead"]["seconds"] < largest_matmul_s
+
+
+def test_an_old_profile_without_per_op_figures_still_loads_and_plans(cli, profiles):
+    """Profiles saved before per-op calibration have only the headline keys: they keep working."""
+    old = {"name": "oldbox", "kind": "cpu", "device": "Intel(R) Xeon(R) Processor", "fp32": 4.4e11, "half": 2.8e12,
+           "half_dtype": "bf16", "bf16": 2.8e12, "bandwidth": 2.9e10, "memory": 25276502016, "threads": 2,
+           "torch": "2.13.0+cpu", "size": 2048, "copy_bytes": 268435456, "when": "2026-11-24T11:37:40+00:00"}
+    profiles.mkdir(parents=True)
+    for name in ("cpu", "oldbox"):
+        (profiles / f"{name}.json").write_text(json.dumps({**old, "name": name}))
+    for extra in ([], ["--device", "oldbox"]):
+        throughput = json.loads(cli(*STEP, *extra).stdout)["throughput"]
+        assert positive(throughput["tokens_per_s"]) and throughput["source"] == f"calibrated {old['when']}"
+    from rich.console import Console
+
+    from paramcalc.report import calibration_table
+
+    console = Console(width=120, record=True)
+    console.print(calibration_table(old, profiles / "oldbox.json"))  # the table of an old profile still renders
+    text = console.export_text()
+    assert "fp32 matmul" in text and "saved to" in text and "per-op overhead" not in text
+
+
+def test_a_failed_measurement_says_what_was_being_timed(cli, refused, profiles, monkeypatch):
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory\nmore detail")
+
+    monkeypatch.setattr(torch.nn.functional, "gelu", out_of_memory)
+    refused(cli("calibrate", "--quick"), "calibration failed timing fp32 gelu 64x512: DefaultCPUAllocator: not "
+                                         "enough memory; try a smaller --size or --quick")
+    assert not profiles.exists() or not any(profiles.iterdir())
+
+
+@pytest.fixture
+def mocked_gpu(monkeypatch):
+    """torch.cuda as a 16 GB GPU would answer it, with the GPU's tensors made on the CPU: the CUDA branch
+    (its dtypes, names, synchronisation, mask bytes, memory) runs on a machine without a GPU."""
+    import torch
+
+    synchronized = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA Mock GPU 16GB")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *args: SimpleNamespace(total_memory=16 * 10**9))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: synchronized.append(1))
+    monkeypatch.setitem(paramcalc.calibrate_ops.TENSOR_DEVICE, "cuda", "cpu")
+    return synchronized
+
+
+def test_the_cuda_branch_with_a_mocked_gpu(cli, profiles, mocked_gpu):
+    result = cli("calibrate", "--device", "cuda", "--quick", "--json")
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)
+    assert measured["name"] == "nvidia-mock-gpu-16gb" and measured["kind"] == "cuda"
+    assert measured["device"] == "NVIDIA Mock GPU 16GB" and measured["memory"] == 16 * 10**9
+    check_per_op_keys(measured, ["fp32", "fp16", "bf16"])
+    assert measured["half_dtype"] in ("fp16", "bf16") and positive(measured["fp16"]) and positive(measured["bf16"])
+    assert "torch.cuda.synchronize" in measured["how"]["method"] and len(mocked_gpu) > 100  # around every sample
+    dropout = measured["elementwise"]["ops"]["dropout"]
+    for dtype, width in (("fp32", 4), ("fp16", 2), ("bf16", 2)):  # CUDA's dropout mask: one byte an element
+        assert dropout["bytes"][dtype] == [rows * cols * (2 * width + 1) for rows, cols in dropout["shapes"]]
+    assert json.loads((profiles / "nvidia-mock-gpu-16gb.json").read_text())["gemm"] == measured["gemm"]
+    doc = json.loads(cli(*STEP, "--device", "nvidia-mock-gpu-16gb").stdout)
+    assert doc["device"]["memory"] == 16 * 10**9 and positive(doc["throughput"]["tokens_per_s"])
+    table = cli("calibrate", "--device", "cuda", "--quick", "--name", "lab-gpu")
+    assert table.exit_code == 0 and "fp16 matmul" in table.stdout and "bf16 matmul" in table.stdout
 
 
 def test_a_gpu_profile_is_named_after_the_gpu(monkeypatch):

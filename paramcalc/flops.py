@@ -8,14 +8,17 @@ gradients, op by op and layer by layer. With a frozen base (PEFT), nothing befor
 module pays for input gradients. Attention cores cost ``2*b*h*q*k*d`` per matmul: two forward; eager
 backward one per operand that needs a gradient, and so does torch's math path (sdpa with attention
 dropout on a CPU, ``paramcalc.attention``); the fused kernels five when any does, as torch counts them
-(they recompute the scores). LoRA adds ``2*T*r*(in + out)`` forward (Hu et al. 2021).
+(they recompute the scores). LoRA adds ``2*T*r*(in + out)`` forward (Hu et al. 2021). Gradient checkpointing
+adds the checkpointed layers' second forward to backward (``Flops.recompute``, see ``_repeated``). Prompt
+tuning and p-tuning lengthen the sequence, prefix tuning the keys and values of self-attention, and their
+encoders have FLOPs of their own (``paramcalc.flops_methods``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import attention, expr, masks
+from . import attention, expr, flops_methods, masks
 from .errors import ParamcalcError
 from .families import families
 from .step import Step, check_fits_model, resolve_attention
@@ -25,7 +28,7 @@ MATMUL_KINDS = ("linear", "conv1d", "tied")
 # gradients on and count no matmul FLOPs
 ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token", "keep")
 SAVING = ("*", "act")  # of those, the ones that save a tensor for backward (a product its factors)
-UNMODELLED = ("prompt", "prefix", "ptuning", "adapter")  # change sequence lengths or add modules to the flow
+UNMODELLED = ("adapter",)  # adds modules to the flow
 
 
 @dataclass
@@ -74,16 +77,25 @@ def step_flops(result, step: Step, device: str = "cpu") -> Flops:
         raise ParamcalcError("FLOPs need a model with a formula file (bert, roberta, t5, gpt2, bloom)")
     methods = {method for method, _ in result.peft_options}
     if methods & set(UNMODELLED) or any(getattr(o, "dora", False) for _, o in result.peft_options):
-        raise ParamcalcError("analytic FLOPs model full fine-tuning, LoRA and IA3; prompt, prefix, p-tuning, "
+        raise ParamcalcError("analytic FLOPs model full fine-tuning, LoRA, IA3 and prompt, prefix and p-tuning; "
                              "adapters and DoRA are not modelled yet ('paramcalc trace' measures them)")
     check_fits_model(step, result)
     step = resolve_attention(step, result)
     family = families()[result.family]
+    if "prefix" in methods:
+        flops_methods.check_prefix(result, family, step)
     values = {**result.values, **step.symbols(result.task)}
+    values["s"] += flops_methods.prepended_tokens(result)  # soft prompts lengthen the input sequence
     modules = _modules(result, family, values)
     needs_grad: dict[str, bool] = {}
     rows: dict[str, list[int]] = {}
+    encoder = flops_methods.encoder_flops(result, values, family)
+    if encoder:  # the prompt encoder runs first; all of it trains
+        rows["prompt encoder"] = [encoder, 2 * encoder]
     recompute = 0
+    where = (result.config, device, flops_methods.prefix_tokens(result))
+    first = family.flow[family.tasks[result.task].parts[0]][0]
+    prompted = bool(flops_methods.prepended_tokens(result))  # trainable rows in the input embeddings
     parts = family.tasks[result.task].parts
     # transformers' gradient_checkpointing_enable hooks the input embeddings (enable_input_require_grads):
     # their output needs a gradient even when they are frozen, so every layer after them pays for input
@@ -97,10 +109,11 @@ def step_flops(result, step: Step, device: str = "cpu") -> Flops:
             for op in family.flow.get(part, []):
                 if op == "|":  # a scope boundary, for the memory replay
                     continue
-                saves = _run(op, modules, needs_grad, rows, family, values, step, written, (result.config, device))
+                saves = _run(op, modules, needs_grad, rows, family, values, step, written, where)
                 if saves is not None:
                     skipped = saves
-                if lookup and op.startswith("->") and op.partition(":")[2].strip() == lookup:
+                if lookup and op.startswith("->") and op.partition(":")[2].strip() == lookup or (
+                        prompted and op is first):
                     needs_grad[_io_target(op)] = True
             if checkpointed and any(needs_grad.get(target) for target in written):
                 recompute += sum(f for f, _ in rows.values()) - before - skipped
@@ -212,6 +225,9 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
     grad_out = grad_in or module.any_trains
     needs_grad[target] = grad_out
     last = 0
+    # A bitsandbytes row (--quant) costs what a plain one does: its matmul runs on the dequantized weight (4-bit:
+    # dequantize then linear; int8 on a CPU: MatMul8bitFp), which FlopCounterMode counts as this mm. The
+    # dequantization itself is elementwise, no matmul: the time model's, not a FLOP here.
     if module.kind in MATMUL_KINDS and module.fan_in:
         one = last = 2 * module.tokens * module.fan_in * module.fan_out
         forward = one
@@ -235,11 +251,13 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
 
 
 def _attention(name, inputs, needs_grad, rows, family, values, step: Step, config: dict, device: str,
-               modules) -> bool:
+               prefix: int, modules) -> bool:
     core = family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
     b, heads, dim, q_len, k_len = attention.shapes(core, values)
-    one = 2 * b * heads * q_len * k_len * dim  # one of the two matmuls
     q, k, v = (needs_grad.get(s, False) for s in inputs)
+    if prefix and flops_methods.prefixed(core, family):  # peft's trainable keys and values go first
+        k_len, k, v = k_len + prefix, True, True
+    one = 2 * b * heads * q_len * k_len * dim  # one of the two matmuls: [q, d] @ [d, k] or [q, k] @ [k, d]
     mask_grad = masks.mask_grad(core, family, step,
                                 lambda row: getattr(modules.get(_base_name(row)), "weight_trains", False))
     if attention.kernel(step, core, config, device, mask_grad) != "fused":

@@ -199,7 +199,8 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
     chosen = profile(device, step, device_mem)
     if any(method in ("adapter", "prefix") for method, _ in result.peft_options):
         raise ParamcalcError("the memory replay covers full fine-tuning, LoRA, IA3, prompt tuning and p-tuning; "
-                             "adapters and prefix tuning are not modelled yet")
+                             "adapters and prefix tuning are not modelled yet (their FLOPs are: "
+                             "paramcalc.flops.step_flops; 'paramcalc trace' measures the whole step)")
     check_fits_model(step, result)
     notes = [attention_note(step, result)]
     step = resolve_attention(step, result)
@@ -243,7 +244,7 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
 def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
     """Model states, the replayed timeline's peak terms and phases, and FLOPs (None where not modelled)."""
     from . import activations
-    from .flops import UNMODELLED, step_flops
+    from .flops import step_flops
     from .memory import model_states
 
     states = model_states(result, step)
@@ -254,17 +255,16 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
         timeline = later if later.peak > timeline.peak else timeline
         timeline.phase_peaks = phases
     flops = None
-    methods = {m for m, _ in result.peft_options}
-    if not (methods & set(UNMODELLED)) and not any(getattr(o, "dora", False) for _, o in result.peft_options):
+    try:
         counted = step_flops(result, step, device=chosen.kind)
+    except ParamcalcError as exc:  # a method or layout the analytic FLOPs do not model: no FLOPs, no time
+        notes.append(f"no FLOPs or throughput: {exc}")
+    else:
         optimizer_flops = 0  # the update is elementwise: FlopCounterMode counts no matmul in it
         # backward includes the checkpointed layers' second forward, also shown on its own as recompute
         flops = {"forward": counted.forward, "backward": counted.backward,
                  **({"recompute": counted.recompute} if step.grad_checkpointing else {}),
                  "optimizer": optimizer_flops, "total": counted.total + optimizer_flops}
-    else:
-        notes.append("FLOPs and throughput cover full fine-tuning, LoRA and IA3; prompt methods change the "
-                     "sequence (measure them with 'paramcalc trace')")
     return states, timeline.at_peak, (timeline.phase_of_peak, dict(timeline.phase_peaks)), flops
 
 

@@ -228,7 +228,8 @@ def plan_table(step_plan, step, curve=None):
                           style="green" if fits else "red"))
     if step_plan.flops:
         f = step_plan.flops
-        lines.append(Text(f"FLOPs per step: forward {f['forward']:,} + backward {f['backward']:,} = {f['total']:,}"))
+        rerun = f" (re-running checkpointed layers: {f['recompute']:,})" if f.get("recompute") else ""
+        lines.append(Text(f"FLOPs per step: forward {f['forward']:,} + backward {f['backward']:,}{rerun} = {f['total']:,}"))
     t = step_plan.throughput
     if t and t.get("step_s"):
         lines.append(Text(f"throughput ({t['source']}): {t['tokens_per_s']:,.0f} tokens/s, {t['step_s']:.3f} s/step"))

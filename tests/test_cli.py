@@ -301,3 +301,13 @@ def test_latex_escapes_special_characters_once():
     assert _latex_escape(r"C:\m_1 $x^2~ 50% #1 {a}") == (
         r"C:\textbackslash{}m\_1 \$x\textasciicircum{}2\textasciitilde{} 50\% \#1 \{a\}"
     )
+
+
+def test_checkpointing_shows_the_recomputed_flops(cli):
+    """Backward re-runs the checkpointed layers: the table names those FLOPs, the JSON keeps them inside backward."""
+    plain = json.loads(cli("gpt2", "--task", "causal-lm", "--batch", "2", "--json").stdout)["flops"]
+    ckpt = json.loads(cli("gpt2", "--task", "causal-lm", "--batch", "2", "--grad-checkpointing", "--json").stdout)["flops"]
+    assert ckpt["recompute"] > 0 and "recompute" not in plain
+    assert ckpt["forward"] == plain["forward"] and ckpt["total"] == ckpt["forward"] + ckpt["backward"]
+    table = cli("gpt2", "--task", "causal-lm", "--batch", "2", "--grad-checkpointing").stdout
+    assert f"re-running checkpointed layers: {ckpt['recompute']:,}" in " ".join(table.split())

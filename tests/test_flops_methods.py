@@ -5,6 +5,7 @@ import pytest
 from test_step import SMALL, TASK
 
 import paramcalc
+from paramcalc.errors import ParamcalcError
 from paramcalc.flops import step_flops
 from paramcalc.step import Step
 from paramcalc.trace import trace_step
@@ -19,7 +20,14 @@ def _compare(family, method, checkpointing, task=None, config=None, attention="a
     result = paramcalc.count(config or SMALL[family], task=task or TASK[family], peft=method, formulas=False)
     step = Step(batch=2, seq=8, tgt_seq=5 if family == "t5" else None, grad_checkpointing=checkpointing,
                 attention=attention, **step)
-    traced = trace_step(result, step, steady=False).flops
+    try:
+        traced = trace_step(result, step, steady=False).flops
+    except ParamcalcError as exc:  # the judge cannot run: transformers >= 5.24 dropped past key values from
+        if "past key values" not in str(exc):  # BERT, RoBERTa and BLOOM, which peft's prefix tuning needs
+            raise
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} cannot run {method} on {family}: {exc}")
     analytic = step_flops(result, step)
     assert (analytic.forward, analytic.backward, analytic.total) == (
         traced["forward"], traced["backward"], traced["total"])
@@ -84,6 +92,13 @@ def test_quantized_bases_count_the_dequantized_matmul(family, quant, method, che
     matmul, the analytic count the row's plain Linear."""
     result = paramcalc.count(SMALL[family], task=TASK[family], quant=quant, peft=method, formulas=False)
     step = Step(batch=2, seq=8, tgt_seq=5 if family == "t5" else None, grad_checkpointing=checkpointing)
-    traced = trace_step(result, step, steady=False).flops
+    try:
+        traced = trace_step(result, step, steady=False).flops
+    except ParamcalcError as exc:  # the judge cannot run: transformers >= 5.24 dropped past key values from
+        if "past key values" not in str(exc):  # BERT, RoBERTa and BLOOM, which peft's prefix tuning needs
+            raise
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} cannot run {method} on {family}: {exc}")
     analytic = step_flops(result, step)
     assert (analytic.forward, analytic.backward) == (traced["forward"], traced["backward"])

@@ -248,6 +248,9 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
             if on_step:
                 on_step(index, losses[-1], timer.seconds[-1])
     except Exception as exc:
+        if isinstance(exc, ValueError) and not is_out_of_memory(exc):  # transformers / peft refuse the step
+            raise ParamcalcError(f"transformers cannot run this {result.hf_class} step: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
         if not is_out_of_memory(exc):
             raise
         where = f"step {index + 1}" if index >= 0 else "building the model"

@@ -180,6 +180,21 @@ def test_out_of_memory_during_the_run_is_reported_with_exit_3(cli, tiny_gpt2, mo
     assert document["predicted"]["memory"]["peak"] > 0  # reported beside the prediction
 
 
+
+def test_a_step_transformers_refuses_is_one_line_and_exit_2(cli, tiny_gpt2, monkeypatch):
+    """transformers / peft refuse some combinations only when the step runs (transformers 5.24 BERT with prefix
+    tuning: 'Model does not support past key values'): said in one line, not a traceback."""
+    import paramcalc.train as trainer
+
+    def refusing_step(*args, **kwargs):
+        raise ValueError("Model does not support past key values which are required for prefix tuning.")
+
+    monkeypatch.setattr(trainer, "_step", refusing_step)
+    result = cli("train", tiny_gpt2, "--task", "causal-lm", "--seq", "16", "--steps", "2")
+    assert result.exit_code == 2, result.output
+    assert "transformers cannot run this GPT2LMHeadModel step: ValueError: Model does not support" in result.stderr
+    assert "Traceback" not in result.output
+
 def test_two_process_data_parallel_run_predicts_each_process_with_ddp_buckets(tiny_gpt2, tmp_path):
     """accelerate launch, two CPU processes talking over gloo: each process measures its own peak, which
     holds DDP's gradient buckets (one more gradient-sized buffer) on top of a single process's step."""

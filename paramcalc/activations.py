@@ -80,6 +80,10 @@ def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False
     if result.generic:
         raise ParamcalcError("the memory replay needs a family file (bert, roberta, t5, gpt2, bloom); "
                              "paramcalc.plan traces other models instead")
+    if any(method in ("adapter", "prefix") for method, _ in result.peft_options):
+        raise ParamcalcError("the memory replay covers full fine-tuning, LoRA, IA3, prompt tuning and p-tuning; "
+                             "adapters and prefix tuning are not modelled yet ('paramcalc trace' measures the "
+                             "whole step)")
     check_fits_model(step, result)
     step = resolve_attention(step, result)
     family = families()[result.family]
@@ -199,6 +203,8 @@ def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False
                 _forget(streams, spec["name"], ledger)
     loss_records = _loss(result, streams, ledger, ctx, last_target)
     records.extend(loss_records)
+    ledger.timeline.records = [(r, isinstance(item, _Checkpointed)) for item in records
+                       for r in (item.records if isinstance(item, _Checkpointed) else [item])]
     loss = loss_records[-1].output
     for value in streams.values():
         ledger.drop(value.tid)

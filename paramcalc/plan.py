@@ -197,10 +197,6 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
 
     parallel = parallel or Parallel()
     chosen = profile(device, step, device_mem)
-    if any(method in ("adapter", "prefix") for method, _ in result.peft_options):
-        raise ParamcalcError("the memory replay covers full fine-tuning, LoRA, IA3, prompt tuning and p-tuning; "
-                             "adapters and prefix tuning are not modelled yet (their FLOPs are: "
-                             "paramcalc.flops.step_flops; 'paramcalc trace' measures the whole step)")
     check_fits_model(step, result)
     notes = [attention_note(step, result)]
     step = resolve_attention(step, result)

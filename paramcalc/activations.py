@@ -203,8 +203,9 @@ def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False
                 _forget(streams, spec["name"], ledger)
     loss_records = _loss(result, streams, ledger, ctx, last_target)
     records.extend(loss_records)
-    ledger.timeline.records = [(r, isinstance(item, _Checkpointed)) for item in records
-                       for r in (item.records if isinstance(item, _Checkpointed) else [item])]
+    ledger.timeline.records = [(r, index if isinstance(item, _Checkpointed) else None)
+                               for index, item in enumerate(records)
+                               for r in (item.records if isinstance(item, _Checkpointed) else [item])]
     loss = loss_records[-1].output
     for value in streams.values():
         ledger.drop(value.tid)

@@ -65,9 +65,9 @@ class Timeline:
     phase_peaks: dict[str, int] = field(default_factory=dict)
     # (phase, bytes alive) after every allocation and free, in replay order, when asked for (simulate(curve=True))
     curve: list[tuple[str, int]] | None = None
-    # the forward records in run order, each with whether its layer was checkpointed (re-run in backward):
-    # the op list the time model folds over (paramcalc.oplist)
-    records: list[tuple[Record, bool]] = field(default_factory=list)
+    # the forward records in run order, each with the checkpointed layer it belongs to (an index; None when
+    # its layer keeps what it saves): the op list the time model folds over (paramcalc.oplist)
+    records: list[tuple[Record, int | None]] = field(default_factory=list)
 
 
 class Ledger:

@@ -275,11 +275,22 @@ def meter_for(device) -> CpuMeter | CudaMeter:
 
 
 class StepTimer:
-    """Wall-clock seconds of whole steps (synchronising the GPU first, so its queued work is counted)."""
+    """Wall-clock seconds of whole steps and of their phases (synchronising the GPU first, so its queued work
+    is counted).
 
-    def __init__(self, device):
+    ``with timer.step():`` times one step; inside it, ``with timer.phase("forward"):`` etc. time its phases,
+    summed over a step's micro-batches (``phases[i]`` belongs to ``seconds[i]``). Outside a timed step a
+    phase only runs ``inner(name)`` (the memory meter's marks), so one ``phase`` serves every step.
+    ``perf_counter`` around each phase is all a CPU step pays; on CUDA each phase boundary also waits for
+    the GPU, or the clock would read when the work was queued, not done.
+    """
+
+    def __init__(self, device, inner=None):
         self.device = str(device)
+        self.inner = inner  # name -> context manager entered around each phase (the memory meter's)
         self.seconds: list[float] = []
+        self.phases: list[dict[str, float]] = []
+        self._current: dict[str, float] | None = None
 
     def _sync(self):
         if self.device != "cpu":
@@ -290,10 +301,41 @@ class StepTimer:
     @contextlib.contextmanager
     def step(self):
         self._sync()
+        self._current = current = {}
         start = time.perf_counter()
-        yield
-        self._sync()
-        self.seconds.append(time.perf_counter() - start)
+        try:
+            yield
+            self._sync()
+            self.seconds.append(time.perf_counter() - start)
+            self.phases.append(current)
+        finally:
+            self._current = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        with self.inner(name) if self.inner else contextlib.nullcontext():
+            current = self._current
+            if current is None:
+                yield
+                return
+            self._sync()
+            start = time.perf_counter()
+            yield
+            self._sync()
+            current[name] = current.get(name, 0.0) + time.perf_counter() - start
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.phases.clear()
+
+    def median_phases(self, phases: list[dict[str, float]] | None = None) -> dict[str, float]:
+        """Each phase's median seconds over the timed steps (``phases``: other steps' record, e.g. the
+        memory step's when it was the only one)."""
+        import statistics
+
+        steps = self.phases if phases is None else phases
+        names = [name for name in PHASES if any(name in step for step in steps)]
+        return {name: statistics.median(step.get(name, 0.0) for step in steps) for name in names}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

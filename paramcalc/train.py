@@ -9,7 +9,10 @@ Which steps are measured: the first ``warmup`` steps are not (optimizer state is
 one); step ``warmup + 1`` is the memory step, recorded from before the model is built to its end
 (allocator events on a CPU, per-phase peaks on CUDA); the steps after it are timed without any
 recording, and their median is the step time (when there are none, the memory step is timed too, with
-the profiler's overhead in it, and the report says so).
+the profiler's overhead in it, and the report says so). Each timed step's phases are timed too (forward:
+the model and the loss; backward: ``accelerator.backward``, with checkpointed layers' re-run and DDP's
+all-reduce inside it; optimizer: ``optimizer.step`` and ``zero_grad``), summed over its micro-batches;
+``measured["phases_s"]`` holds each one's median over the same steps.
 """
 
 from __future__ import annotations
@@ -100,6 +103,10 @@ class TrainReport:
         if throughput.get("step_s") and self.measured.get("step_s"):
             errors["step_s"] = _relative(throughput["step_s"], self.measured["step_s"])
             errors["tokens_per_s"] = _relative(throughput["tokens_per_s"], self.measured["tokens_per_s"])
+        timed = self.measured.get("phases_s") or {}
+        for phase, seconds in predicted_phases(self.predicted).items():  # forward_s, backward_s, optimizer_s
+            if timed.get(phase):
+                errors[f"{phase}_s"] = _relative(seconds, timed[phase])
         return errors
 
     def verdict(self) -> str:
@@ -113,6 +120,16 @@ class TrainReport:
                 "options": self.options, "device": self.device, "predicted": self.predicted,
                 "measured": self.measured, "error": self.errors(), "tolerance": self.tolerance,
                 "verdict": self.verdict(), "notes": self.notes}
+
+
+def predicted_phases(predicted: dict | None) -> dict[str, float]:
+    """The plan's phase times as the trainer's clock splits a step: everything ``accelerator.backward`` runs
+    is backward (the checkpointed layers' re-run, DDP's all-reduce). {} when the plan gave no phases."""
+    phases = ((predicted or {}).get("throughput") or {}).get("phases") or {}
+    backward = [phases[k] for k in ("backward", "recompute", "all_reduce") if phases.get(k) is not None]
+    combined = {"forward": phases.get("forward"), "backward": sum(backward) if backward else None,
+                "optimizer": phases.get("optimizer")}
+    return {k: v for k, v in combined.items() if v is not None}
 
 
 def _relative(predicted, measured) -> float | None:
@@ -147,7 +164,7 @@ def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[di
     buckets = step_plan.memory.get("ddp_buckets", 0)  # alive through every phase
     memory = {**step_plan.memory, "phases": {k: v + buckets for k, v in step_plan.phase_peaks.items()}}
     throughput = step_plan.throughput or {}
-    return {"memory": memory, "throughput": {k: throughput.get(k) for k in ("tokens_per_s", "step_s")},
+    return {"memory": memory, "throughput": {k: throughput.get(k) for k in ("tokens_per_s", "step_s", "phases")},
             "flops": step_plan.flops, "device_memory": step_plan.profile.memory, "fits": step_plan.fits(),
             "profile": step_plan.profile.name, "phase_of_peak": step_plan.phase_of_peak, "source": step_plan.source,
             "notes": step_plan.notes + ([throughput["why"]] if throughput.get("why") else [])}, []
@@ -213,7 +230,8 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     if predicted and predicted["fits"] is False and not options.force:
         raise RunFailed(f"the predicted peak {predicted['memory']['peak']:,} B exceeds the device's "
                         f"{predicted['device_memory']:,} B; not starting (--force runs it anyway)", report)
-    meter, timer, losses, index = meter_for(options.device), StepTimer(options.device), [], -1
+    meter, losses, index = meter_for(options.device), [], -1
+    timer = StepTimer(options.device, inner=meter.phase)  # timer.phase marks the meter's phases too
     # One process: record from before the model exists. Several: gloo's worker threads free some tensors the
     # step's thread allocated, which the profiler cannot see, so record the measured step alone, on top of
     # what is alive then (measure.alive_bytes; DDP reports its buckets itself).
@@ -233,18 +251,18 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
                 with meter.recording() if measured and late else contextlib.nullcontext():
                     with meter.phase("step") if measured else contextlib.nullcontext():
                         with timer.step() if measured else contextlib.nullcontext():
-                            loss = _step(model, optimizer, accelerator, batches, step, meter.phase)
+                            loss = _step(model, optimizer, accelerator, batches, step, timer.phase)
                 losses.append(loss)
                 if on_step:
                     on_step(index, loss, timer.seconds[-1] if measured else None)
         memory, report.timeline = meter.summary(), meter.timeline()
         if late:
             memory["loaded"] = loaded
-        under_profiler = timer.seconds[:]
-        timer.seconds.clear()
+        under_profiler, timer.inner = (timer.seconds[:], timer.phases[:]), None  # time the rest, record nothing
+        timer.clear()
         for index in range(options.warmup + 1, options.steps):
             with timer.step():
-                losses.append(_step(model, optimizer, accelerator, batches, step, _no_phase))
+                losses.append(_step(model, optimizer, accelerator, batches, step, timer.phase))
             if on_step:
                 on_step(index, losses[-1], timer.seconds[-1])
     except Exception as exc:
@@ -258,7 +276,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
         raise RunFailed(f"out of memory at {where}: {str(exc).splitlines()[0][:200]}", report) from None
     finally:
         _release_accelerator()
-    seconds = timer.seconds or under_profiler
+    seconds = timer.seconds or under_profiler[0]
     if not timer.seconds:
         report.notes.append("only one step after warm-up: its time includes the memory profiler's overhead "
                             "(use more --steps)")
@@ -266,6 +284,7 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
     step_s = statistics.median(seconds)
     memory["resident"] = resident_bytes()
     report.measured.update({"memory": memory, "step_s": step_s, "tokens_per_s": tokens / step_s,
+                            "phases_s": timer.median_phases(None if timer.seconds else under_profiler[1]),
                             "timed_steps": len(seconds), "steps": options.steps, "loss": losses})
     report.measured.update(_changed(started, _fingerprints(accelerator.unwrap_model(model))))
     if on_model:
@@ -293,10 +312,6 @@ def _changed(before: dict, after: dict) -> dict:
     changed = [name for name in before if before[name][2] != after[name][2]]
     return {"changed_params": sum(before[n][0] for n in changed),
             "frozen_changed": sorted(n for n in changed if not before[n][1])}
-
-
-def _no_phase(_name):
-    return contextlib.nullcontext()
 
 
 def _prepare(result, step, options: TrainOptions, make_optimizer, batches):

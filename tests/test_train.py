@@ -27,6 +27,18 @@ def _trained_rows(result) -> set[str]:
     return names
 
 
+def check_phases(report):
+    """The timed phases exist, are positive, and fill the measured step: what lies outside them (fetching the
+    batch, loss.item()) is a few % of even a tiny step. Never held against the prediction: wall-clock
+    times on a shared machine are context, not a test."""
+    measured = report.measured
+    phases = measured["phases_s"]
+    assert set(phases) == {"forward", "backward", "optimizer"}, phases
+    assert all(seconds > 0 for seconds in phases.values()), phases
+    # each phase is timed inside its step, so with two timed steps (median = mean) the sum cannot exceed it
+    assert 0.85 * measured["step_s"] <= sum(phases.values()) <= 1.02 * measured["step_s"], (phases, measured["step_s"])
+
+
 def run(result, step, **options):
     """Train, keeping the parameters before (the same seeded build) and after."""
     from paramcalc.runtime import build_model
@@ -57,6 +69,7 @@ def test_real_steps_match_the_prediction_and_train_exactly_the_trainable_rows(fa
     assert measured["trainable_params"] == measured["changed_params"] == result.trainable_params
     assert measured["frozen_changed"] == []
     assert report.verdict() == "within tolerance"
+    check_phases(report)
 
 
 @pytest.mark.parametrize("method", [None, "lora:r=4"])
@@ -67,6 +80,7 @@ def test_gradient_accumulation_holds_the_gradients_through_later_micro_batches(m
     single, _, _ = run(result, Step(batch=2, seq=32))
     accumulated, _, _ = run(result, Step(batch=2, seq=32, grad_accum=2))
     assert abs(accumulated.errors()["peak"]) <= TOLERANCE, accumulated.errors()
+    check_phases(accumulated)  # summed over both micro-batches
     if method is None:  # full fine-tuning: the gradients are as large as the weights, and the peak shows it
         grown = accumulated.measured["memory"]["peak"] - single.measured["memory"]["peak"]
         assert grown > 0.5 * 4 * result.trainable_params
@@ -82,6 +96,61 @@ def test_mixed_precision_checkpointing_and_accumulation_run_and_are_judged():
     assert document["schema"] == "paramcalc-train/1"
     assert document["options"]["grad_accum"] == 2 and document["options"]["mixed_precision"] == "bf16"
     assert document["measured"]["tokens_per_s"] > 0 and document["measured"]["steps"] == 4
+    check_phases(report)  # the checkpointed re-run runs inside backward, on its clock
+    assert set(document["measured"]["phases_s"]) == {"forward", "backward", "optimizer"}
+
+
+def _report_with(phases):
+    """A finished run's report, by hand: the comparison's arithmetic needs no training."""
+    from paramcalc.train import TrainReport
+
+    options = {"batch": 2, "seq": 32, "dtype": "fp32", "mixed_precision": None, "optimizer": "adamw",
+               "attention": "sdpa", "grad_checkpointing": True, "peft": [], "quant": None}
+    predicted = {"memory": {"peak": 100, "weights": 40, "gradients": 10, "optimizer": 20, "activations": 30},
+                 "throughput": {"tokens_per_s": 640.0, "step_s": 0.1, "phases": phases}, "notes": []}
+    measured = {"memory": {"peak": 100}, "step_s": 0.2, "tokens_per_s": 320.0,
+                "phases_s": {"forward": 0.05, "backward": 0.1, "optimizer": 0.04}}
+    return TrainReport("tiny", "gpt2", "causal-lm", options, {"name": "cpu", "kind": "cpu"}, predicted, measured)
+
+
+def test_phase_errors_fold_the_rerun_and_all_reduce_into_backward():
+    report = _report_with({"forward": 0.04, "backward": 0.06, "recompute": 0.03, "all_reduce": 0.01,
+                           "optimizer": 0.05})
+    errors = report.errors()
+    # backward's clock holds the re-run and the all-reduce: 0.06 + 0.03 + 0.01 = 0.10 s, measured 0.10 s
+    assert errors["backward_s"] == pytest.approx(0.0)
+    assert errors["forward_s"] == pytest.approx(-0.2)  # (0.04 - 0.05) / 0.05
+    assert errors["optimizer_s"] == pytest.approx(0.25)  # (0.05 - 0.04) / 0.04
+    assert report.to_dict()["error"]["backward_s"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("phases", [None, {}])
+def test_a_prediction_without_phases_shows_dashes(phases):
+    from rich.console import Console
+
+    from paramcalc.train_report import comparison_table
+
+    report = _report_with(phases)
+    assert not {"forward_s", "backward_s", "optimizer_s"} & set(report.errors())
+    console = Console(width=200, record=True)
+    console.print(comparison_table(report))
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:5]]
+            for line in console.export_text().splitlines() if line.count("│") == 5}
+    assert rows["forward time"] == ["—", "0.050 s", "—"]
+    assert rows["backward time (incl. re-run)"] == ["—", "0.100 s", "—"]
+    assert rows["optimizer step time"] == ["—", "0.040 s", "—"]
+
+
+def test_phase_rows_show_the_prediction_and_its_error():
+    from rich.console import Console
+
+    from paramcalc.train_report import comparison_table
+
+    console = Console(width=200, record=True)
+    console.print(comparison_table(_report_with({"forward": 0.04, "backward": 0.06, "recompute": 0.03,
+                                                 "optimizer": 0.05})))
+    text = console.export_text()
+    assert "backward time (incl. re-run)" in text and "0.090 s" in text and "-10.00 %" in text
 
 
 @pytest.fixture
@@ -101,6 +170,8 @@ def test_cli_json_and_out_line(cli, tiny_gpt2, tmp_path):
     document = json.loads(first.stdout)
     assert document["predicted"]["memory"]["peak"] > 0 and document["measured"]["memory"]["peak"] > 0
     assert document["device"]["kind"] == "cpu" and document["verdict"] == "within tolerance"
+    assert all(document["measured"]["phases_s"][p] > 0 for p in ("forward", "backward", "optimizer"))
+    assert "phases" in document["predicted"]["throughput"]  # the plan's phase seconds, or None without them
     lines = out.read_text().splitlines()
     assert len(lines) == 2 and [json.loads(line)["schema"] for line in lines] == ["paramcalc-train/1"] * 2
     assert second.exit_code == 0
@@ -110,7 +181,8 @@ def test_cli_table(cli, tiny_gpt2):
     result = cli("train", tiny_gpt2, "--task", "causal-lm", "--batch", "2", "--seq", "16", "--steps", "3")
     assert result.exit_code == 0, result.output
     assert "predicted" in result.stderr  # the prediction, printed before training starts
-    for text in ("peak", "measured", "tokens/s", "verdict: within tolerance", "loss"):
+    for text in ("peak", "measured", "tokens/s", "verdict: within tolerance", "loss", "forward time",
+                 "backward time", "optimizer step time"):
         assert text in result.stdout
 
 

@@ -26,14 +26,21 @@ DEVICES = {
     # the T4 (Turing) has fp16 tensor cores but none for bf16: its datasheet gives no bf16 rate. Its 16 GB of
     # GDDR6 lose some to ECC (on by default on data-centre T4s): CUDA reports 15,843,721,216 B in total
     # (deviceQuery, "Total amount of global memory: 15110 MBytes"), and that is what a step can fill.
-    "t4": {"memory": 15_843_721_216, "half": 65e12, "fp32": 8.1e12, "bandwidth": 320e9, "kind": "cuda", "bf16": False},
-    "a10g": {"memory": 24 * 10**9, "half": 125e12, "fp32": 31.2e12, "bandwidth": 600e9, "kind": "cuda"},
-    "l4": {"memory": 24 * 10**9, "half": 121e12, "fp32": 30.3e12, "bandwidth": 300e9, "kind": "cuda"},
-    "a100-40gb": {"memory": 40 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 1555e9, "kind": "cuda"},
-    "a100-80gb": {"memory": 80 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 2039e9, "kind": "cuda"},
-    "h100-80gb": {"memory": 80 * 10**9, "half": 989e12, "fp32": 67e12, "bandwidth": 3350e9, "kind": "cuda"},
+    "t4": {"memory": 15_843_721_216, "half": 65e12, "fp32": 8.1e12, "bandwidth": 320e9, "kind": "cuda", "bf16": False,
+           "link": 16e9},
+    "a10g": {"memory": 24 * 10**9, "half": 125e12, "fp32": 31.2e12, "bandwidth": 600e9, "kind": "cuda", "link": 32e9},
+    "l4": {"memory": 24 * 10**9, "half": 121e12, "fp32": 30.3e12, "bandwidth": 300e9, "kind": "cuda", "link": 32e9},
+    "a100-40gb": {"memory": 40 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 1555e9, "kind": "cuda",
+                  "link": 300e9},
+    "a100-80gb": {"memory": 80 * 10**9, "half": 312e12, "fp32": 19.5e12, "bandwidth": 2039e9, "kind": "cuda",
+                  "link": 300e9},
+    "h100-80gb": {"memory": 80 * 10**9, "half": 989e12, "fp32": 67e12, "bandwidth": 3350e9, "kind": "cuda",
+                  "link": 450e9},
     "cpu": {"memory": None, "half": None, "fp32": None, "bandwidth": None, "kind": "cpu"},
 }
+# "link": bytes/s each way between two GPUs, for data-parallel all-reduce: PCIe Gen3 x16 (T4) or Gen4 x16
+# (A10, L4) as their datasheets give it, halved from the bidirectional figure; NVLink on the SXM A100 (600 GB/s)
+# and H100 (900 GB/s), halved the same way. A CPU's processes exchange gradients through its memory.
 # Named, not hidden: the CUDA context, cuBLAS workspaces and the caching allocator's slack take memory no
 # tensor accounts for. 0.5 GiB is an assumption (it varies by driver and GPU), shown as its own term.
 CUDA_OVERHEAD = GIB // 2
@@ -80,6 +87,8 @@ class Profile:
     bandwidth: float | None
     kind: str  # cpu | cuda: which rules the activations follow (dropout masks, autocast)
     source: str
+    calibrated: dict | None = None  # the saved calibration, with the per-op rates the time model reads
+    link: float | None = None  # bytes/s between two devices (data-parallel all-reduce)
 
 
 def profile(name: str | None, step: Step, device_mem: str | None = None) -> Profile:
@@ -93,19 +102,19 @@ def profile(name: str | None, step: Step, device_mem: str | None = None) -> Prof
         if spec.get("bf16") is False and "bf16" in (step.mixed_precision, step.dtype):
             rate, source = None, f"no bf16 on the {name} (its datasheet has fp16 tensor cores only): use fp16"
         result = Profile(name, spec["memory"], rate * DATASHEET_UTILISATION if rate else None, spec["bandwidth"],
-                         spec["kind"], source)
+                         spec["kind"], source, link=spec.get("link"))
         if name == "cpu":
             saved = _load_calibration("cpu")
             if saved:
                 result = Profile("cpu", None, saved["half" if half else "fp32"], saved["bandwidth"], "cpu",
-                                 f"calibrated {saved['when']}")
+                                 f"calibrated {saved['when']}", saved)
     else:
         saved = _load_calibration(name)
         if saved is None:
             raise ParamcalcError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)}, or a profile "
                                  "saved by 'paramcalc calibrate --name NAME'")
         result = Profile(name, saved.get("memory"), saved["half" if half else "fp32"], saved["bandwidth"],
-                         saved.get("kind", "cpu"), f"calibrated {saved['when']}")
+                         saved.get("kind", "cpu"), f"calibrated {saved['when']}", saved, saved.get("link"))
     if device_mem is not None:
         result.memory = parse_bytes(device_mem)
     return result
@@ -209,7 +218,7 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
                          f"far ({states.gradients:,} B more)")
         source = "trace"
     else:
-        states, at_peak, phases, flops = _replayed(result, step, chosen, notes)
+        states, at_peak, phases, flops, records = _replayed(result, step, chosen, notes)
         source = "replay"
     # the terms alive at the peak, with the model states each GPU keeps under sharding
     weights, gradients, optimizer = parallel.shard(at_peak["weights"], at_peak["gradients"], at_peak["optimizer"])
@@ -233,7 +242,12 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
         notes.append(_quant_note(result.quant.options, chosen.kind))
     if source == "trace":
         formulas["activations"] = "what the traced step's forward kept, alive at the peak (fake tensors)"
-    throughput = _throughput(flops, states, step, chosen, result) if flops else None
+    if source == "replay" and flops:
+        from .timing import throughput as timed
+
+        throughput = timed(result, step, chosen, parallel, records, states)
+    else:
+        throughput = _throughput(flops, states, step, chosen, result) if flops else None
     return Plan(memory, formulas, flops, throughput, chosen, parallel, phases[0], notes, step, phases[1], source)
 
 
@@ -261,7 +275,7 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
         flops = {"forward": counted.forward, "backward": counted.backward,
                  **({"recompute": counted.recompute} if step.grad_checkpointing else {}),
                  "optimizer": optimizer_flops, "total": counted.total + optimizer_flops}
-    return states, timeline.at_peak, (timeline.phase_of_peak, dict(timeline.phase_peaks)), flops
+    return states, timeline.at_peak, (timeline.phase_of_peak, dict(timeline.phase_peaks)), flops, timeline.records
 
 
 def _traced(result, step: Step, chosen: Profile):
@@ -311,13 +325,15 @@ def _throughput(flops: dict, states, step: Step, chosen: Profile, result) -> dic
         why = (chosen.source if chosen.source.startswith("no ") else
                "no FLOP rate for this device: run 'paramcalc calibrate' or name a GPU with --device")
         return {"tokens_per_s": None, "step_s": None, "profile": chosen.name, "why": why}
-    # matmuls at the achieved rate, plus the optimizer pass streaming the model states through memory
-    # (read weights, gradients and state, write weights and state)
+    # A model without a family file has no op list (its step was traced): a lower bound, the matmuls at the
+    # achieved rate plus the optimizer pass streaming the model states through memory (read weights,
+    # gradients and state, write weights and state)
     compute_s = step.grad_accum * flops["total"] / chosen.flops_per_s  # one forward+backward per micro-batch
     memory_s = (2 * states.weights + states.gradients + 2 * states.optimizer) / chosen.bandwidth
     step_s = compute_s + memory_s
     tokens = step.grad_accum * step.batch * step.symbols(result.task)["s"]
-    return {"tokens_per_s": tokens / step_s, "step_s": step_s, "profile": chosen.name, "source": chosen.source}
+    return {"tokens_per_s": tokens / step_s, "step_s": step_s, "profile": chosen.name, "source": chosen.source,
+            "model": "lower bound: matmul FLOPs / rate + model states / bandwidth (no op list without a family file)"}
 
 
 def _formulas(step: Step, parallel: Parallel) -> dict[str, str]:

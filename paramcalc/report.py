@@ -231,8 +231,15 @@ def plan_table(step_plan, step, curve=None):
         rerun = f" (re-running checkpointed layers: {f['recompute']:,})" if f.get("recompute") else ""
         lines.append(Text(f"FLOPs per step: forward {f['forward']:,} + backward {f['backward']:,}{rerun} = {f['total']:,}"))
     t = step_plan.throughput
-    if t and t.get("step_s"):
-        lines.append(Text(f"throughput ({t['source']}): {t['tokens_per_s']:,.0f} tokens/s, {t['step_s']:.3f} s/step"))
+    if t and t.get("table"):
+        from .report_time import time_table
+
+        lines.append(time_table(t, step))
+        lines.append(Text(f"throughput: {t['tokens_per_s']:,.0f} tokens/s, {t['step_s']:.3f} s/step, "
+                          f"{t['bound']}-bound"))
+    elif t and t.get("step_s"):
+        lines.append(Text(f"throughput ({t['source']}, a lower bound): {t['tokens_per_s']:,.0f} tokens/s, "
+                          f"{t['step_s']:.3f} s/step"))
     elif t:
         lines.append(Text(f"throughput: {t['why']}"))
     if curve:

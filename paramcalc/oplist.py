@@ -1,0 +1,402 @@
+"""One training step as a list of ops: what each runs (kernel, FLOPs, bytes moved), phase by phase.
+
+The memory replay (``paramcalc.activations.simulate``) walks the family file's flow once and keeps the forward
+record of every op that ran (``Timeline.records``: its inputs, output and what it saved, with their sizes and
+dtypes). This module turns each record into the kernels torch runs for it in forward, in backward and, for a
+checkpointed layer, in the re-run inside backward; ``paramcalc.timing`` folds the list into time. Memory is
+the replay's own fold over the same walk, and the FLOPs of the list equal ``paramcalc.flops.step_flops``
+(tests/test_oplist.py), which ``FlopCounterMode`` judges.
+
+An op's ``bytes`` are the tensors its kernel must read and write once (what a fused kernel moves at least);
+its ``dispatches`` the torch ops it takes, each paying a fixed cost on the host.
+
+Torch-free: the analytic path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import attention, flops_methods
+from .flops import ELEMENTWISE, SAVING, _base_name, _modules
+
+# The time table's op kinds, in the order it shows them
+KINDS = ("matmuls", "attention core", "elementwise", "embeddings and loss", "optimizer", "all-reduce")
+PHASES = ("forward", "backward", "recompute", "optimizer", "all_reduce")
+
+# Activations, as (forward, backward) tensor passes and dispatched ops, for those written out in Python (one
+# pass reads or writes one input-sized tensor). GPT-2's tanh GELU is eight ops forward (pow, mul, add, mul,
+# tanh, add, mul, mul: 18 passes) and autograd's walk back through them about 28 passes; BLOOM's runs as an
+# autograd Function whose backward recomputes tanh (bloom_gelu_back); T5's RMSNorm is pow, mean, rsqrt and two
+# products. The fused kernels (GELU, ReLU, SiLU, LayerNorm) are one op each way, at their own calibrated rate.
+WRITTEN_OUT = {"gelu_new": (18, 28, 8, 14), "bloom_gelu": (20, 28, 9, 12), "rmsnorm": (9, 15, 5, 9)}
+FUSED_ACTIVATION = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "gelu", "silu": "gelu", "tanh": "gelu"}
+
+
+@dataclass
+class Op:
+    """One kernel of the step."""
+
+    phase: str  # forward | backward | recompute | optimizer | all_reduce
+    kind: str  # one of KINDS
+    name: str  # the flow op or row it belongs to
+    kernel: str  # a gemm class (linear, lora_down, ...) or an elementwise op (softmax, layer_norm, add, ...)
+    flops: int = 0
+    bytes: int = 0  # read + written
+    width: int = 4  # bytes per element of what it computes in
+    dispatches: int = 1
+    shape: tuple[int, ...] = ()  # a matmul's [batch, m, k, n]
+
+    @property
+    def matmul(self) -> bool:
+        return bool(self.shape)
+
+
+class _Ops(list):
+    """The list being built, with the phase and name the next ops get."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase, self.name = "forward", ""
+
+    def mm(self, kernel: str, batch: int, m: int, k: int, n: int, width: int, kind: str = "matmuls",
+           dispatches: int = 1) -> None:
+        self.append(Op(self.phase, kind, self.name, kernel, 2 * batch * m * k * n,
+                       (batch * m * k + batch * k * n + batch * m * n) * width, width, dispatches, (batch, m, k, n)))
+
+    def ew(self, kernel: str, nbytes: int, width: int, kind: str = "elementwise", dispatches: int = 1) -> None:
+        self.append(Op(self.phase, kind, self.name, kernel, 0, int(nbytes), width, dispatches))
+
+
+@dataclass
+class _Where:
+    """What the mapping needs to know of the step: shapes, modules, dtypes, the attention kernel."""
+
+    result: object
+    step: object
+    device: str
+    family: object
+    values: dict
+    modules: dict
+    compute: int
+    master: int
+    autocast: bool
+    lora_dropout: float
+    quantized: set
+    prefix: int
+
+
+def step_ops(result, step, device: str, records) -> list[Op]:
+    """The kernels of one micro-batch's forward, backward and checkpointed re-run, from the replay's records
+    (``simulate(...).records``, for ``step`` with its attention resolved)."""
+    from .families import families
+    from .memory import DTYPE_BYTES, weights_dtype
+
+    family = families()[result.family]
+    values = {**result.values, **step.symbols(result.task)}
+    values["s"] += flops_methods.prepended_tokens(result)
+    dtype = weights_dtype(result, step)
+    where = _Where(result, step, device, family, values, _modules(result, family, values),
+                   DTYPE_BYTES[step.mixed_precision or dtype], DTYPE_BYTES[dtype], bool(step.mixed_precision),
+                   next((o.dropout for m, o in result.peft_options if m == "lora"), 0.0),
+                   {_base_name(n) for n in result.quant.quantized} if result.quant else set(),
+                   flops_methods.prefix_tokens(result))
+    ops = _Ops()
+    encoder = flops_methods.encoder_flops(result, values, family)
+    if encoder:  # the prompt encoder: a few small Linears, all trainable (backward twice the forward)
+        ops.name = "prompt encoder"
+        ops.append(Op("forward", "matmuls", "prompt encoder", "linear", encoder, 0, 4, 3, (1, 1, 1, encoder // 2)))
+        ops.append(Op("backward", "matmuls", "prompt encoder", "linear", 2 * encoder, 0, 4, 6, (1, 1, 1, encoder)))
+    loss_from = len(records)
+    while loss_from and records[loss_from - 1][0].op == "" and records[loss_from - 1][1] is None:
+        loss_from -= 1  # the loss's records close the list (masks' records, also op-less, come first)
+    layer: list = []
+    for index, (record, checkpointed) in enumerate(records):
+        if index >= loss_from:
+            _loss(record, ops, index == len(records) - 1)
+            continue
+        _record(record, ops, where)
+        if checkpointed is not None:
+            layer.append(record)
+        if layer and (index + 1 == len(records) or records[index + 1][1] != checkpointed):
+            _recompute(layer, ops, where)
+            layer = []
+    return ops
+
+
+def _recompute(layer: list, ops: _Ops, where: _Where) -> None:
+    """A checkpointed layer's forward, run again in backward, up to torch's early stop: the re-run ends once
+    every tensor the first run saved is saved again, so nothing after the last op that saves runs, and when that
+    op is a matmul (which saves its inputs before its kernel runs) its last kernel does not run either
+    (``paramcalc.flops`` counts it the same way). A layer none of whose outputs needs a gradient is not re-run."""
+    if not any(record.output is not None and record.output.grad for record in layer):
+        return
+    saving = [i for i, record in enumerate(layer) if _saves(record, where)]
+    if not saving:
+        return
+    again = _Ops()
+    for record in layer[:saving[-1] + 1]:
+        _record(record, again, where, forward_only=True)
+    last = layer[saving[-1]]
+    module = where.modules.get(last.op.partition(":")[2].strip())
+    if module is not None and not module.ia3_output and module.kind in ("linear", "conv1d", "tied") and module.fan_in:
+        matmuls = [i for i, op in enumerate(again) if op.matmul]
+        if matmuls:
+            del again[matmuls[-1]]
+    for op in again:
+        op.phase = "recompute"
+    ops.extend(again)
+
+
+def _saves(record, where: _Where) -> bool:
+    """Whether autograd saves anything for this op's backward (a frozen weight counts: it is saved, as a
+    reference)."""
+    name = record.op.partition(":")[2].strip()
+    kind = name.split(" ")[0]
+    grad_in = any(v.grad for v in record.inputs)
+    if record.output is None:
+        return False
+    if kind in ELEMENTWISE:
+        if kind == "dropout":
+            return grad_in and float(where.result.config.get(name.split()[1], 0.0) or 0.0) > 0
+        return grad_in and kind in SAVING
+    if name.startswith("attention core"):
+        return record.output.grad
+    module = where.modules.get(name.removesuffix(" [tied]"))
+    return module is not None and not name.endswith(" [tied]") and record.output.grad
+
+
+def _record(record, ops: _Ops, where: _Where, forward_only: bool = False) -> None:
+    op = record.op
+    if op == "|" or (record.output is None and not record.stages):
+        return  # a scope's end, a branch this config lacks, or an identity (nothing for backward either)
+    flow, _, name = op.partition(":")
+    name = name.strip()
+    ops.name = name or "masks and position biases"
+    x = record.inputs[0] if record.inputs else None
+    out = record.output
+    backward = not forward_only
+    kind = name.split(" ")[0]
+    if not name:  # a mask or position bias the model makes once per forward
+        ops.phase = "forward"
+        ops.ew("copy", out.bytes, out.width)
+        if backward and record.weight_grads:
+            ops.phase = "backward"
+            ops.ew("embedding_backward", sum(b for _, b in record.weight_grads) + 2 * out.bytes, out.width,
+                   "embeddings and loss")
+        return
+    if name.startswith("attention core"):
+        _attention(record, name, ops, where, backward)
+        return
+    if kind in ELEMENTWISE:
+        _elementwise(name, kind, record, x, out, ops, where, backward)
+        return
+    module = where.modules.get(name.removesuffix(" [tied]"))
+    if module is not None:
+        _module(name, module, record, x, out, ops, where, backward)
+
+
+def _elementwise(name, kind, record, x, out, ops: _Ops, where: _Where, backward: bool) -> None:
+    if kind in ("first-token", "keep") or out is None:
+        return  # views
+    grads = [v for v in record.inputs if v.grad]
+    ops.phase = "forward"
+    if kind == "+":
+        ops.ew("add", sum(v.bytes for v in record.inputs) + out.bytes, out.width)
+        return  # its backward hands the gradient on as it is
+    if kind in ("*", "scale", "upcast"):
+        ops.ew("mul" if kind != "upcast" else "copy", sum(v.bytes for v in record.inputs) + out.bytes, out.width)
+        if backward and grads:
+            ops.phase = "backward"
+            for value in grads:
+                ops.ew("mul" if kind != "upcast" else "copy", (3 if kind == "*" else 2) * value.bytes, value.width)
+        return
+    if kind == "dropout":  # p > 0 (p = 0 is an identity): a noise tensor or mask, then a product
+        ops.ew("dropout", 2 * x.bytes + x.elements * (x.width if where.device == "cpu" else 1), x.width,
+               dispatches=3)
+        if backward and x.grad:
+            ops.phase = "backward"
+            ops.ew("mul", 3 * x.bytes, x.width)
+        return
+    if kind == "act":
+        key = name.split()[1]
+        act = where.result.config.get(key, key)
+        if key == "feed_forward_proj":
+            from .ops import T5_ACTIVATION
+
+            act = T5_ACTIVATION.get(act, act)
+        if act in WRITTEN_OUT:
+            forward, back, calls, back_calls = WRITTEN_OUT[act]
+            ops.ew("mul", forward * x.bytes, x.width, dispatches=calls)
+            if backward and x.grad:
+                ops.phase = "backward"
+                ops.ew("mul", back * x.bytes, x.width, dispatches=back_calls)
+            return
+        ops.ew(FUSED_ACTIVATION.get(act, "gelu"), 2 * x.bytes, x.width)
+        if backward and x.grad:
+            ops.phase = "backward"
+            ops.ew(FUSED_ACTIVATION.get(act, "gelu") + "_backward", 3 * x.bytes, x.width)
+
+
+def _module(name, module, record, x, out, ops: _Ops, where: _Where, backward: bool) -> None:
+    tied_copy = name.endswith(" [tied]")
+    grad_in = bool(x is not None and x.grad)
+    grad_out = bool(out is not None and out.grad)
+    ops.phase = "forward"
+    width = out.width if out is not None else where.compute
+    if module.kind in ("embedding", "tied") and (module.fan_in == 0 or tied_copy):  # a lookup
+        ops.ew("copy", 2 * out.bytes, out.width, "embeddings and loss")
+        if module.lora_rank:  # LoRA on an embedding: a lookup in A, then [T, r] @ [r, dim]
+            ops.mm("lora_up", 1, module.tokens, module.lora_rank, module.fan_out, width)
+        if backward and (record.weight_grads or module.lora_rank):
+            ops.phase = "backward"
+            if record.weight_grads:
+                ops.ew("embedding_backward", sum(b for _, b in record.weight_grads) + 2 * out.bytes, out.width,
+                       "embeddings and loss")
+            if module.lora_rank:
+                ops.mm("lora_down", 1, module.tokens, module.fan_out, module.lora_rank, width)
+                ops.mm("lora_down", 1, module.lora_rank, module.tokens, module.fan_out, width)
+        return
+    if module.kind in ("layernorm", "rmsnorm"):
+        if module.kind == "rmsnorm":
+            forward, back, calls, back_calls = WRITTEN_OUT["rmsnorm"]
+            ops.ew("mul", forward * x.bytes, x.width, dispatches=calls)
+            if backward and (grad_in or module.weight_trains):
+                ops.phase = "backward"
+                ops.ew("mul", back * x.bytes, x.width, dispatches=back_calls)
+            return
+        ops.ew("layer_norm", x.bytes + out.bytes, x.width)
+        if backward and (grad_in or module.weight_trains):
+            ops.phase = "backward"
+            ops.ew("layer_norm_backward", 2 * x.bytes + out.bytes, x.width)
+        return
+    if module.kind not in ("linear", "conv1d", "tied") or not module.fan_in:
+        return
+    tokens, fan_in, fan_out, rank = module.tokens, module.fan_in, module.fan_out, module.lora_rank
+    compute = where.compute
+    quantized = name in where.quantized and not tied_copy
+    if where.autocast and x.width != compute and not quantized:
+        ops.ew("copy", x.elements * (x.width + compute), compute)  # autocast casts the input
+    if where.autocast and where.master != compute and (grad_in or rank) and not quantized:
+        ops.ew("copy", fan_in * fan_out * (where.master + compute), compute)  # ... and the weight
+    if quantized:  # bitsandbytes dequantizes the whole weight for its matmul
+        ops.ew("copy", fan_in * fan_out * (compute + 1), compute)
+    ops.mm("linear", 1, tokens, fan_in, fan_out, compute, dispatches=2)
+    if rank:
+        if where.lora_dropout > 0:
+            ops.ew("dropout", 2 * x.bytes + x.elements * (x.width if where.device == "cpu" else 1), x.width,
+                   dispatches=3)
+        ops.mm("lora_down", 1, tokens, fan_in, rank, compute)
+        ops.mm("lora_up", 1, tokens, rank, fan_out, compute)
+        ops.ew("mul", 2 * tokens * fan_out * compute, compute)  # scaling
+        ops.ew("add", 3 * tokens * fan_out * width, width)  # base + LoRA
+    if module.ia3_output or module.ia3_input:
+        ops.ew("mul", 3 * tokens * (fan_out if module.ia3_output else fan_in) * width, width)
+    if not backward or not (grad_out or module.weight_trains):
+        return
+    ops.phase = "backward"
+    if grad_in or module.ia3_input:  # the input's gradient: [T, out] @ [out, in]
+        if quantized:
+            ops.ew("copy", fan_in * fan_out * (compute + 1), compute)
+        ops.mm("linear", 1, tokens, fan_out, fan_in, compute)
+    if module.weight_trains and not tied_copy:  # the weight's: [out, T] @ [T, in], and the bias's: a sum
+        ops.mm("linear", 1, fan_out, tokens, fan_in, compute)
+        ops.ew("add", tokens * fan_out * compute, compute)
+    if rank:
+        ops.mm("lora_down", 1, tokens, fan_out, rank, compute)  # B's input gradient
+        ops.mm("lora_down", 1, rank, tokens, fan_out, compute)  # B's weight gradient
+        ops.mm("lora_down", 1, rank, tokens, fan_in, compute)  # A's weight gradient
+        if grad_in:
+            ops.mm("lora_up", 1, tokens, rank, fan_in, compute)  # A's input gradient
+            ops.ew("add", 3 * tokens * fan_in * compute, compute)  # summed with the base's
+
+
+def _attention(record, name, ops: _Ops, where: _Where, backward: bool) -> None:
+    """The attention core by the kernel that runs (``paramcalc.attention``): eager and torch's math path as their
+    matmuls, softmax, dropout and copies; the fused kernels as one op each way."""
+    core = where.family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
+    b, heads, dim, q_len, k_len = attention.shapes(core, where.values)
+    q, k, v = (value.grad for value in record.inputs[:3])
+    if where.prefix and flops_methods.prefixed(core, where.family):
+        k_len, k, v = k_len + where.prefix, True, True
+    grad = bool(record.output is not None and record.output.grad) or q or k or v
+    extras = [value for value in record.inputs[3:]]
+    mask_grad = any(value.grad for value in extras)
+    runs = attention.kernel(where.step, core, where.result.config, where.device, mask_grad)
+    bh, scores = b * heads, b * heads * q_len * k_len
+    q_size, kv_size = bh * q_len * dim, bh * k_len * dim
+    ops.phase = "forward"
+    if runs == "fused":
+        ops.mm("sdpa", bh, q_len, dim, 2 * k_len, where.compute, "attention core", dispatches=4)
+        if backward and grad:
+            ops.phase = "backward"
+            ops.mm("sdpa_backward", bh, q_len, dim, 5 * k_len, where.compute, "attention core", dispatches=4)
+        return
+    width = 4 if runs == "math" else where.compute
+    soft = 4 if (runs == "math" or core.get("softmax_fp32")) else width
+    p = attention.dropout_of(core, where.result.config)
+    kc = "attention core"
+    ops.ew("copy", 2 * (q_size + 2 * kv_size) * width, width, kc, dispatches=3)  # the transposed operands
+    if runs == "math":
+        ops.ew("mul", 2 * (q_size + kv_size) * 4, 4, kc, dispatches=2)  # q and k^T times sqrt(scale)
+    ops.mm("attention_scores", bh, q_len, dim, k_len, width, kc)
+    for _ in extras:  # the mask and position bias, added to the scores
+        ops.ew("add", 3 * scores * width, width, kc)
+    if not extras and runs == "eager" and core.get("fp32_mask"):
+        ops.ew("add", 3 * scores * width, width, kc)
+    ops.ew("softmax", 2 * scores * soft, soft, kc)
+    if p > 0:
+        ops.ew("dropout", (2 * soft + (soft if where.device == "cpu" else 1)) * scores, soft, kc, dispatches=3)
+    ops.mm("attention_values", bh, q_len, k_len, dim, width, kc)
+    ops.ew("copy", 2 * q_size * width, width, kc)  # the heads merged back
+    if not (backward and grad):
+        return
+    ops.phase = "backward"
+    ops.ew("copy", 2 * q_size * width, width, kc)
+    if q or k:  # the probabilities' gradient: dO @ v^T
+        ops.mm("attention_scores", bh, q_len, dim, k_len, width, kc)
+    if v:  # v's: p^T @ dO
+        ops.mm("attention_values", bh, k_len, q_len, dim, width, kc)
+    if q or k:
+        if p > 0:
+            ops.ew("mul", 3 * scores * soft, soft, kc)
+        ops.ew("softmax_backward", 3 * scores * soft, soft, kc)
+        if runs == "math":
+            ops.ew("mul", 2 * (q_size + kv_size) * 4, 4, kc, dispatches=2)
+        if q:
+            ops.mm("attention_values", bh, q_len, k_len, dim, width, kc)
+        if k:
+            ops.mm("attention_values", bh, k_len, q_len, dim, width, kc)
+
+
+def _loss(record, ops: _Ops, last: bool) -> None:
+    """Cross-entropy (an fp32 upcast of half logits, log_softmax, then the picked log-probabilities) or the
+    tracer's stand-in over a bare backbone (the mean square of its outputs)."""
+    ops.name = "loss"
+    out, inputs = record.output, record.inputs
+    if not last:  # the upcast, or log_softmax
+        logits = inputs[0]
+        ops.phase = "forward"
+        if record.saved_sizes:
+            ops.ew("log_softmax", logits.bytes + out.bytes, 4, "embeddings and loss")
+            if logits.grad:
+                ops.phase = "backward"
+                ops.ew("log_softmax_backward", 3 * out.bytes, 4, "embeddings and loss")
+        else:
+            ops.ew("copy", logits.bytes + out.bytes, 4, "embeddings and loss")
+            if logits.grad:
+                ops.phase = "backward"
+                ops.ew("copy", logits.bytes + out.bytes, 4, "embeddings and loss")
+        return
+    ops.phase = "forward"
+    total = sum(v.bytes for v in inputs)
+    if record.saved_sizes:  # the stand-in keeps its inputs: x.pow(2).mean(), backward 2 * x * grad
+        ops.ew("mul", 3 * total, 4, "embeddings and loss", dispatches=2 * len(inputs))
+        ops.phase = "backward"
+        ops.ew("mul", 3 * total, 4, "embeddings and loss", dispatches=2 * len(inputs))
+        return
+    # nll_loss reads one log-probability a token; its backward writes a zero-filled [tokens, V] gradient
+    ops.ew("copy", 0, 4, "embeddings and loss", dispatches=2)
+    if inputs and inputs[0].grad:
+        ops.phase = "backward"
+        ops.ew("copy", inputs[0].bytes, 4, "embeddings and loss", dispatches=2)

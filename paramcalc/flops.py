@@ -11,7 +11,9 @@ dropout on a CPU, ``paramcalc.attention``); the fused kernels five when any does
 (they recompute the scores). LoRA adds ``2*T*r*(in + out)`` forward (Hu et al. 2021). Gradient checkpointing
 adds the checkpointed layers' second forward to backward (``Flops.recompute``, see ``_repeated``). Prompt
 tuning and p-tuning lengthen the sequence, prefix tuning the keys and values of self-attention, and their
-encoders have FLOPs of their own (``paramcalc.flops_methods``).
+encoders have FLOPs of their own; bottleneck adapters are ops of their own on the sub-layer outputs, and DoRA
+adds a forward-only pass through A and B (and, with LoRA dropout, the base matmul again): all in
+``paramcalc.flops_methods``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ MATMUL_KINDS = ("linear", "conv1d", "tied")
 # gradients on and count no matmul FLOPs
 ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token", "keep")
 SAVING = ("*", "act")  # of those, the ones that save a tensor for backward (a product its factors)
-UNMODELLED = ("adapter",)  # adds modules to the flow
 
 
 @dataclass
@@ -66,6 +67,9 @@ class _Module:
     weight_trains: bool  # its weight (or the trainable copy peft swaps in) gets a gradient
     any_trains: bool  # some parameter of it trains, so its output needs a gradient
     lora_rank: int = 0  # LoRA on it (frozen base)
+    dora: int = 0  # DoRA on its LoRA: the forward FLOPs of rebuilding B @ A (flops_methods.dora_identity)
+    dora_dropout: bool = False  # DoRA with lora_dropout > 0: the dropped input through the base weight again
+    dora_leaf: str = ""  # and on a Conv1D: its weight's name, which peft may wrap in a new Parameter (see _run)
     ia3_input: bool = False  # IA3 scales its input (feed-forward modules)
     ia3_output: bool = False
 
@@ -76,9 +80,10 @@ def step_flops(result, step: Step, device: str = "cpu") -> Flops:
     if result.generic:
         raise ParamcalcError("FLOPs need a model with a formula file (bert, roberta, t5, gpt2, bloom)")
     methods = {method for method, _ in result.peft_options}
-    if methods & set(UNMODELLED) or any(getattr(o, "dora", False) for _, o in result.peft_options):
-        raise ParamcalcError("analytic FLOPs model full fine-tuning, LoRA, IA3 and prompt, prefix and p-tuning; "
-                             "adapters and DoRA are not modelled yet ('paramcalc trace' measures them)")
+    if result.quant and any(getattr(options, "dora", False) for _, options in result.peft_options):
+        raise ParamcalcError("analytic FLOPs of DoRA on a quantized base are not modelled: peft's DoRA init reads "
+                             "the quantized weights, which paramcalc's meta-device trace does not have, so there is "
+                             "no traced count to check them against")
     check_fits_model(step, result)
     step = resolve_attention(step, result)
     family = families()[result.family]
@@ -106,7 +111,7 @@ def step_flops(result, step: Step, device: str = "cpu") -> Flops:
         for _ in range(_layers(result, part)):
             written: set[str] = set()
             before, skipped = sum(f for f, _ in rows.values()), 0
-            for op in family.flow.get(part, []):
+            for op in flops_methods.with_adapters(result, family, part, family.flow.get(part, [])):
                 if op == "|":  # a scope boundary, for the memory replay
                     continue
                 saves = _run(op, modules, needs_grad, rows, family, values, step, written, where)
@@ -161,10 +166,15 @@ def _modules(result, family, values) -> dict[str, _Module]:
         module.any_trains |= c.trainable and (c.count > 0 or c.kind == "tied")
         module.weight_trains |= c.trainable and ("weight" in c.shapes or c.kind == "tied")
         by_param[c.param] = module
+    lora = next((options for method, options in result.peft_options if method == "lora"), None)
     for c in result.components:
         if c.group != "peft":
             continue
-        if "modules_to_save" in c.name:  # peft runs the trainable copy instead of the original
+        if c.kind == "adapter":  # an op of its own on a sub-layer's output (flops_methods.with_adapters)
+            tokens = expr.evaluate(family.tokens[flops_methods.adapter_site(family, c).get("part")], values)
+            width = result.values["b"]  # the bottleneck's "b"; in values, the step's batch took that name
+            modules[c.name] = _Module("adapter", tokens, values[family.peft["token_dim"]], width, True, True)
+        elif "modules_to_save" in c.name:  # peft runs the trainable copy instead of the original
             original = modules[_base_name(c.name.removesuffix(" (trainable copy, modules_to_save)"))]
             original.weight_trains = original.any_trains = True
         elif c.kind == "lora":
@@ -173,6 +183,13 @@ def _modules(result, family, values) -> dict[str, _Module]:
                 raise ParamcalcError("analytic FLOPs need LoRA on every layer of a module (not a subset)")
             target.lora_rank = values["r"]
             target.any_trains = True
+            if lora.dora:
+                embedding = target.kind == "embedding"
+                rows = expr.evaluate(c.shapes["lora_embedding_A.default"][1], values) if embedding else target.fan_in
+                target.dora = flops_methods.dora_identity(rows, values["r"], target.fan_out, embedding)
+                target.dora_dropout = lora.dropout > 0 and not embedding  # peft's Embedding has no LoRA dropout
+                if target.dora_dropout and target.kind == "conv1d":
+                    target.dora_leaf = c.param + ".weight"
         elif c.kind == "ia3":
             target = by_param[c.param]
             if "input scale" in c.name:
@@ -225,6 +242,12 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
     grad_out = grad_in or module.any_trains
     needs_grad[target] = grad_out
     last = 0
+    if module.kind == "adapter":  # its last kernel is the up projection, which saves its inputs only
+        forward, backward, last = flops_methods.adapter_flops(module.tokens, module.fan_in, module.fan_out, grad_in)
+        totals = rows.setdefault(name, [0, 0])
+        totals[0] += forward
+        totals[1] += backward
+        return last
     # A bitsandbytes row (--quant) costs what a plain one does: its matmul runs on the dequantized weight (4-bit:
     # dequantize then linear; int8 on a CPU: MatMul8bitFp), which FlopCounterMode counts as this mm. The
     # dequantization itself is elementwise, no matmul: the time model's, not a FLOP here.
@@ -237,6 +260,15 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
             b = last = 2 * module.tokens * module.lora_rank * module.fan_out
             forward += a + b
             backward += a * (1 + grad_in) + 2 * b  # A: weight (+ input); B: weight and input
+        if module.dora:  # B @ A again, detached (no backward); the magnitude's products save after B
+            forward += module.dora + one * module.dora_dropout
+            backward += one * (module.dora_dropout and grad_in)
+            # peft's transpose() wraps a Conv1D's weight in a new nn.Parameter (which requires grad) when
+            # weight.to(x.dtype) hands it the Parameter itself: when the weight is in fp32, like the input peft
+            # casts to its fp32 LoRA weights. That matmul then computes a gradient for the throwaway Parameter.
+            if module.dora_leaf and family.loaded_dtype(module.dora_leaf, step.dtype) == "fp32":
+                backward += one
+            last = 0
         if module.ia3_output:  # the scaling after the matmul saves the matmul's output
             last = 0
         totals = rows.setdefault(name, [0, 0])
@@ -245,7 +277,7 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
     elif module.kind == "embedding" and module.lora_rank:
         # LoRA on an embedding: a lookup in A, then a matmul with B ([T, r] @ [r, dim])
         totals = rows.setdefault(name, [0, 0])
-        totals[0] += 2 * module.tokens * module.lora_rank * module.fan_out
+        totals[0] += 2 * module.tokens * module.lora_rank * module.fan_out + module.dora
         totals[1] += 4 * module.tokens * module.lora_rank * module.fan_out  # B's weight and input
     return last if grad_out else None
 

@@ -13,7 +13,7 @@ from paramcalc.oplist import KINDS, PHASES, step_ops
 from paramcalc.step import Step, resolve_attention
 
 METHODS = [None, "lora:r=2", "lora:r=3,targets=all-linear,dropout=0.1", "ia3", "prompt:tokens=3",
-           "ptuning:tokens=2", "lora:r=2,bias=all"]
+           "ptuning:tokens=2", "lora:r=2,bias=all", "lora:r=2,dora=true", "lora:r=3,dora=true,dropout=0.1"]
 CASES = [(family, method, checkpointing, precision, attention)
          for family in SMALL for method in METHODS for checkpointing in (False, True)
          for precision in (None, "bf16") for attention in ("eager", "sdpa")]
@@ -31,7 +31,8 @@ def test_op_list_flops_equal_step_flops(family, method, checkpointing, precision
     try:
         result = paramcalc.count(SMALL[family], task=TASK[family], peft=method, formulas=False)
         step_flops(result, step)
-    except ParamcalcError as exc:  # what peft or the model refuses (step_flops says why)
+        activations.simulate(result, step)
+    except ParamcalcError as exc:  # what peft or the model refuses (step_flops and the replay say why)
         pytest.skip(str(exc))
     for device in ("cpu", "cuda"):
         counted = step_flops(result, step, device=device)

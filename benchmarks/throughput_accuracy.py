@@ -1,144 +1,186 @@
-"""Predicted vs measured step time of real CPU training steps, on the calibrated CPU profile.
+"""Predicted vs measured time of real fine-tuning steps on this CPU, phase by phase.
 
-    python benchmarks/throughput_accuracy.py [--quick] [--saved]
+    python benchmarks/throughput_accuracy.py [--quick] [--saved] [--resume] [--only TEXT]
 
-Calibrates this CPU again right before each row (a shared machine's speed drifts within minutes),
-into a temporary profile folder; ``--saved`` uses the ``cpu`` profile ``paramcalc calibrate`` saved.
-Each row trains a small BERT / GPT-2 config (random weights, fp32, AdamW, eager attention) for a few
-real steps on this CPU and compares the median step time with ``paramcalc.plan.plan(..., device="cpu")``.
-Absolute times depend on the machine and its load; the ratio measured / predicted is the figure to read.
-The plan's time is FLOPs / matmul rate + model-state bytes / bandwidth; the measured step is split
-the same way: the time inside matmul kernels (a few more steps, timed op by op), and the rest
-(elementwise ops, softmax, layer norm, the loss, the optimizer, Python); ``optim`` is optimizer.step().
+Each row trains for real through ``paramcalc.train.train`` (the trainer ``paramcalc train`` runs, so both
+measure the same way: the median of the steps after warm-up and the memory step, each phase timed inside
+them) and holds its tokens/s and its forward / backward / optimizer seconds to ``paramcalc.plan``'s. Rows:
+the five families at a small config (4 layers x 256 wide, the released vocabulary) and the catalog models
+small enough for a few steps on a couple of cores, x {full fine-tuning, LoRA r=8} x batch shapes; fp32
+weights, AdamW, the attention transformers builds by default, random weights.
+
+The CPU is calibrated again (``paramcalc.calibrate.calibrate``) right before each row, into a temporary
+profile folder (a shared machine's speed drifts within minutes, and the user's own profile stays as it
+is); ``--saved`` plans against the ``cpu`` profile ``paramcalc calibrate`` saved instead. ``--quick``: three
+small rows, a smoke test. ``--resume``: keep the rows the last run wrote and run only the missing ones.
+``--only TEXT``: the rows whose name holds TEXT. A row that fails prints its one-line error and the run
+goes on. Writes ``benchmarks/results/throughput_cpu.json`` (after every row: each row's report, whole,
+and this machine) and ``throughput_cpu.md`` (the table). Read the errors as this machine's, under its load.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import paramcalc
-from paramcalc.calibrate import calibrate, save_profile
-from paramcalc.plan import _load_calibration, plan
 from paramcalc.step import Step
+from paramcalc.train import TrainOptions, predicted_phases, train
 
-BERT = {"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "intermediate_size": 1024, "vocab_size": 30522, "max_position_embeddings": 512}
-GPT2 = {"model_type": "gpt2", "n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 50257, "n_positions": 1024}
-BERT_WIDE = {**BERT, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048}
-MODELS = [("bert-4x256", BERT, "seq-cls"), ("gpt2-4x256", GPT2, "causal-lm"), ("bert-4x512", BERT_WIDE, "seq-cls")]
-SHAPES = [(4, 128), (16, 128), (4, 512)]
-WARMUP, TIMED, MATMUL_TIMED = 2, 5, 3
-MATMULS = ("mm", "addmm", "bmm", "baddbmm")  # the aten ops FlopCounterMode counts FLOPs for, as paramcalc does
+# --set-style overrides (paramcalc.count(..., overrides=...)) that shrink a catalog model to 4 layers x 256
+SMALL = {
+    "bert": ("bert-base-uncased", "seq-cls", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+                                              "intermediate_size": 1024}),
+    "roberta": ("roberta-base", "seq-cls", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+                                            "intermediate_size": 1024}),
+    "t5": ("t5-small", "seq2seq-lm", {"num_layers": 4, "num_decoder_layers": 4, "d_model": 256, "num_heads": 4,
+                                      "d_kv": 64, "d_ff": 1024}),
+    "gpt2": ("gpt2", "causal-lm", {"n_layer": 4, "n_embd": 256, "n_head": 4}),
+    "bloom": ("bloom-560m", "causal-lm", {"n_layer": 4, "hidden_size": 256, "n_head": 4}),
+}
+# (label, catalog model, task, overrides, shapes): the small configs, then the released sizes that fit
+MODELS = [(f"{family}-4x256", model, task, overrides, [(4, 128), (8, 256)])
+          for family, (model, task, overrides) in SMALL.items()] + [
+    ("bert-base-uncased", "bert-base-uncased", "seq-cls", {}, [(4, 128)]),
+    ("gpt2", "gpt2", "causal-lm", {}, [(4, 128)]),
+    ("t5-small", "t5-small", "seq2seq-lm", {}, [(4, 128)]),
+]
+METHODS = [None, "lora:r=8"]
+QUICK = [("bert-4x256", None, (4, 128)), ("gpt2-4x256", "lora:r=8", (4, 128)), ("t5-4x256", None, (4, 128))]
+STEPS, WARMUP = 5, 1  # a warm-up step, the memory step, then three timed steps
+PHASES = ("forward", "backward", "optimizer")
+RESULTS = Path(__file__).parent / "results"
+
+HEADER = ("| model | method | batch x seq | predicted tokens/s | measured tokens/s | error | "
+          "forward s (pred / meas) | backward s (pred / meas) | optimizer s (pred / meas) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
-def _matmul_timer():
-    """Seconds spent inside matmul kernels while active (backward runs on this thread on a CPU)."""
+def rows(quick: bool, only: str | None) -> list[dict]:
+    models = {label: (model, task, overrides) for label, model, task, overrides, _ in MODELS}
+    cases = QUICK if quick else [(label, method, shape) for label, *_, shapes in MODELS for method in METHODS
+                                 for shape in shapes]
+    chosen = [{"name": f"{label} {method or 'full'} {batch}x{seq}", "label": label, "model": models[label][0],
+               "task": models[label][1], "overrides": models[label][2], "method": method, "batch": batch, "seq": seq}
+              for label, method, (batch, seq) in cases]
+    return [case for case in chosen if not only or only in case["name"]]
+
+
+def run_row(case: dict, use_saved: bool) -> dict:
+    """Calibrate (unless --saved), train, and return the report's JSON document with the row's fields."""
+    from paramcalc.calibrate import calibrate, save_profile
+
+    calibrated = None
+    if not use_saved:
+        profile = calibrate()
+        save_profile(profile)
+        calibrated = {k: profile.get(k) for k in ("fp32", "bandwidth", "load", "threads", "when")}
+    result = paramcalc.count(case["model"], task=case["task"], overrides=case["overrides"], peft=case["method"],
+                             formulas=False)
+    started = time.perf_counter()
+    report = train(result, Step(batch=case["batch"], seq=case["seq"]), TrainOptions(steps=STEPS, warmup=WARMUP))
+    document = report.to_dict()
+    document.update(row=case, wall_s=time.perf_counter() - started, calibration=calibrated)
+    return document
+
+
+def _seconds(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def markdown_row(document: dict) -> str:
+    case = document["row"]
+    head = f"| {case['label']} | {case['method'] or 'full'} | {case['batch']} x {case['seq']} |"
+    if "failed" in document:
+        return f"{head} failed: {document['failed']} | | | | | |"
+    throughput = (document["predicted"] or {}).get("throughput") or {}
+    measured, error = document["measured"], document["error"]
+    mine, timed = predicted_phases(document["predicted"]), measured.get("phases_s") or {}
+    phases = " | ".join(f"{_seconds(mine.get(p))} / {_seconds(timed.get(p))}" for p in PHASES)
+    predicted = f"{throughput['tokens_per_s']:,.0f}" if throughput.get("tokens_per_s") else "—"
+    percent = f"{100 * error['tokens_per_s']:+.1f} %" if error.get("tokens_per_s") is not None else "—"
+    return f"{head} {predicted} | {measured['tokens_per_s']:,.0f} | {percent} | {phases} |"
+
+
+def summary(documents: list[dict]) -> str:
+    errors = [abs(d["error"]["tokens_per_s"]) for d in documents
+              if "failed" not in d and d["error"].get("tokens_per_s") is not None]
+    failed = sum("failed" in d for d in documents)
+    tail = f"; {failed} row{'s' if failed != 1 else ''} failed" if failed else ""
+    loads = [d["calibration"]["load"] for d in documents if (d.get("calibration") or {}).get("load") is not None]
+    if loads:  # a shared machine: how busy the others kept it, as calibrate saw it right before each row
+        tail += f"; other processes kept {statistics.median(loads):.1f} cores busy (median, while calibrating)"
+    if not errors:
+        return f"tokens/s: no row has both a prediction and a measurement{tail}"
+    return (f"tokens/s: median |error| {100 * statistics.median(errors):.1f} %, max |error| "
+            f"{100 * max(errors):.1f} % over {len(errors)} rows{tail}")
+
+
+def machine() -> dict:
+    import platform
+
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    kernels = {getattr(torch.ops.aten, name).default for name in MATMULS}
+    from paramcalc.calibrate import _describe
 
-    class MatmulTimer(TorchDispatchMode):
-        seconds = 0.0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func not in kernels:
-                return func(*args, **(kwargs or {}))
-            start = time.perf_counter()
-            out = func(*args, **(kwargs or {}))
-            self.seconds += time.perf_counter() - start
-            return out
-
-    return MatmulTimer()
+    return {"device": _describe(torch, "cpu"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "python": platform.python_version(),
+            "paramcalc": paramcalc.__version__}
 
 
-def _model_and_inputs(result, batch: int, seq: int):
-    import torch
-    import transformers
-
-    from paramcalc.meta import hf_config
-
-    hf = hf_config(result.config)
-    hf._attn_implementation = "eager"  # the plan's default step
-    model = getattr(transformers, result.hf_class)(hf)
-    ids = torch.randint(0, hf.vocab_size, (batch, seq))
-    labels = ids if result.task == "causal-lm" else torch.randint(0, 2, (batch,))
-    return model.train(), {"input_ids": ids, "labels": labels}
+def write(documents: list[dict], about: dict, command: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "throughput_cpu.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({"machine": about, "command": command, "rows": documents}, indent=1) + "\n")
+    os.replace(temporary, path)  # a run stopped midway leaves the last whole file, for --resume
+    table = "\n".join([HEADER, *(markdown_row(d) for d in documents), "", summary(documents), ""])
+    (RESULTS / "throughput_cpu.md").write_text(
+        f"`{command}` on {about['device']} ({about['threads']} threads), torch {about['torch']}\n\n{table}")
 
 
-def measure(result, batch: int, seq: int) -> dict:
-    """Median seconds of a whole step and of its optimizer.step(), then of the matmuls in a few more steps
-    (timed apart: the timer's per-op overhead would slow the steps it watches)."""
-    import torch
-
-    torch.manual_seed(0)
-    model, inputs = _model_and_inputs(result, batch, seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # torch's default implementation on a CPU
-
-    def one_step() -> tuple[float, float]:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        middle = time.perf_counter()
-        optimizer.step()
-        end = time.perf_counter()
-        return end - start, end - middle
-
-    for _ in range(WARMUP):
-        one_step()
-    steps, updates = zip(*(one_step() for _ in range(TIMED)))
-    matmuls = []
-    for _ in range(MATMUL_TIMED):
-        with _matmul_timer() as timer:
-            one_step()
-        matmuls.append(timer.seconds)
-    return {"step_s": statistics.median(steps), "optimizer_s": statistics.median(updates),
-            "matmul_s": statistics.median(matmuls)}
-
-
-def main(quick: bool, use_saved: bool) -> None:
+def main(argv: list[str]) -> None:
+    quick, use_saved, resume = "--quick" in argv, "--saved" in argv, "--resume" in argv
+    only = argv[argv.index("--only") + 1] if "--only" in argv else None
     if use_saved:
+        from paramcalc.plan import _load_calibration
+
         saved = _load_calibration("cpu")
         if saved is None:
             sys.exit("no saved cpu profile: run 'paramcalc calibrate' first, or drop --saved")
         print(f"saved cpu profile ({saved['when']}): fp32 {saved['fp32'] / 1e9:.1f} GFLOP/s, "
-              f"bandwidth {saved['bandwidth'] / 1e9:.1f} GB/s, {saved.get('threads', '?')} threads")
+              f"bandwidth {saved['bandwidth'] / 1e9:.1f} GB/s")
     else:  # keep the user's own profile as it is
         os.environ["PARAMCALC_CACHE_DIR"] = tempfile.mkdtemp(prefix="paramcalc-bench-")
         print("calibrating this CPU again before each row: a shared machine's speed drifts within minutes")
-    print(f"{'model':10} {'task':9} {'b x s':>6} {'GFLOP':>6} {'GFLOP/s':>7} | {'predicted':>9} = {'flops':>6} + "
-          f"{'bytes':>6} | {'measured':>8} = {'matmul':>6} + {'rest':>6} ({'optim':>5}) | {'ratio':>5} {'matmul':>6}")
-    ratios, matmul_ratios, rest_shares = [], [], []
-    for label, config, task in MODELS[:2] if quick else MODELS:
-        result = paramcalc.count(config, task=task, formulas=False)
-        for batch, seq in SHAPES[:2] if quick else SHAPES:
-            if not use_saved:
-                save_profile(calibrate())
-            step = Step(batch=batch, seq=seq)
-            predicted = plan(result, step, device="cpu")
-            compute_s = predicted.flops["total"] / predicted.profile.flops_per_s
-            step_s = predicted.throughput["step_s"]
-            measured = measure(result, batch, seq)
-            ratio = measured["step_s"] / step_s
-            matmul_s = min(measured["matmul_s"], measured["step_s"])
-            rest_s = measured["step_s"] - matmul_s
-            ratios.append(ratio)
-            matmul_ratios.append(matmul_s / compute_s)
-            rest_shares.append(rest_s / measured["step_s"])
-            print(f"{label:10} {task:9} {f'{batch}x{seq}':>6} {predicted.flops['total'] / 1e9:>6.1f} "
-                  f"{predicted.profile.flops_per_s / 1e9:>7.0f} | "
-                  f"{step_s:>8.3f}s = {compute_s:>5.3f}s + {step_s - compute_s:>5.3f}s | "
-                  f"{measured['step_s']:>7.3f}s = {matmul_s:>5.3f}s + {rest_s:>5.3f}s ({measured['optimizer_s']:>.3f}) | "
-                  f"{ratio:>5.2f} {matmul_s / compute_s:>6.2f}", flush=True)
-    print(f"measured / predicted step time: median {statistics.median(ratios):.2f} "
-          f"(range {min(ratios):.2f} - {max(ratios):.2f}) over {len(ratios)} steps")
-    print(f"measured matmul time / predicted FLOPs time: median {statistics.median(matmul_ratios):.2f}; "
-          f"time outside matmuls: median {statistics.median(rest_shares):.0%} of the step")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    about, command = machine(), " ".join(["python benchmarks/throughput_accuracy.py", *argv])
+    done = {}
+    if resume and (RESULTS / "throughput_cpu.json").is_file():
+        kept = json.loads((RESULTS / "throughput_cpu.json").read_text()).get("rows", [])
+        done = {d["row"]["name"]: d for d in kept if "failed" not in d}
+        print(f"resuming: {len(done)} rows kept from the last run")
+    documents = []
+    print(HEADER, flush=True)
+    for case in rows(quick, only):
+        document = done.get(case["name"])
+        if document is None:
+            try:
+                document = run_row(case, use_saved)
+            except Exception as exc:  # noqa: BLE001 - one row's failure is that row's result
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                print(f"{case['name']}: failed: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+                document = {"row": case, "failed": f"{type(exc).__name__}: {first}"}
+        documents.append(document)
+        print(markdown_row(document), flush=True)
+        write(documents, about, command)
+    print(summary(documents))
 
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv, "--saved" in sys.argv)
+    main(sys.argv[1:])

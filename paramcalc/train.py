@@ -282,9 +282,12 @@ def train(result, step, options: TrainOptions, on_prediction=None, on_step=None,
                             "(use more --steps)")
     tokens = step.batch * step.seq * step.grad_accum
     step_s = statistics.median(seconds)
+    phases_s = timer.median_phases(None if timer.seconds else under_profiler[1])
+    if phases_s and not 0.8 <= sum(phases_s.values()) / step_s <= 1.05:  # each phase's median from another step
+        report.notes.append(f"the phases' median times add up to {sum(phases_s.values()) / step_s:.0%} of the median "
+                            "step: the steps' times varied (other work on this machine?); more --steps steady them")
     memory["resident"] = resident_bytes()
-    report.measured.update({"memory": memory, "step_s": step_s, "tokens_per_s": tokens / step_s,
-                            "phases_s": timer.median_phases(None if timer.seconds else under_profiler[1]),
+    report.measured.update({"memory": memory, "step_s": step_s, "tokens_per_s": tokens / step_s, "phases_s": phases_s,
                             "timed_steps": len(seconds), "steps": options.steps, "loss": losses})
     report.measured.update(_changed(started, _fingerprints(accelerator.unwrap_model(model))))
     if on_model:

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import calibrate_ops as ops
+from . import calibrate_step as step
 from .errors import ParamcalcError
 from .plan import DEVICES, calibration_dir
 
@@ -64,7 +65,9 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
 
     The headline keys plan.py reads: ``fp32`` and ``half`` are ``torch.mm`` on ``size`` x ``size`` matrices
     (2*size**3 FLOPs), ``bandwidth`` a ``copy_bytes`` tensor copy. The per-op keys (``gemm``,
-    ``elementwise``, ``overhead``, ``optimizer``) are described in ``paramcalc.calibrate_ops``. Each time is
+    ``elementwise``, ``overhead``, ``optimizer``) are described in ``paramcalc.calibrate_ops``; the training
+    step's (``elementwise``'s backward entries, ``attention``, ``optimizers``, ``optimizers_missing``) in
+    ``paramcalc.calibrate_step``. Each time is
     the best of ``repeats`` samples after a warm-up. ``quick``: small shapes, two samples, a few seconds.
     """
     if device not in KINDS:
@@ -97,8 +100,11 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
         gemm = ops.gemm_rates(timer, dtypes, plan, square)
         bandwidth = ops.copy_bandwidth(timer, copy_bytes)
         elementwise = ops.elementwise_rates(timer, dtypes, plan)
+        elementwise["ops"].update(step.elementwise_rates(timer, dtypes, plan))
+        attention = step.attention_times(timer, dtypes, plan)
         overhead = ops.per_op_overhead(timer, plan["overhead_ops"])
         optimizer = ops.adamw_step(timer, plan["optimizer"])
+        optimizers, optimizers_missing = step.optimizer_steps(timer, plan)
     except (RuntimeError, MemoryError) as exc:  # out of memory, mostly: the message is torch's first line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ParamcalcError(f"calibration failed timing {timer.doing}: {first}; try a smaller --size "
@@ -122,7 +128,8 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
             "copy_bytes": copy_bytes, "when": datetime.now().astimezone().isoformat(timespec="seconds"),
             # the per-op time model's inputs (new in profiles from this version; plan.py needs none of them)
             "quick": quick, "repeats": repeats, "load": load, "dtypes": list(dtypes), "how": how,
-            "gemm": gemm, "elementwise": elementwise, "overhead": overhead, "optimizer": optimizer}
+            "gemm": gemm, "elementwise": elementwise, "overhead": overhead, "optimizer": optimizer,
+            "attention": attention, "optimizers": optimizers, "optimizers_missing": optimizers_missing}
 
 
 def save_profile(profile: dict) -> Path:

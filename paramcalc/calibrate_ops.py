@@ -4,9 +4,10 @@ A step's time is modelled op by op as a roofline: max(FLOPs / the rate of that k
 and dtype, bytes moved / the rate of that kind of elementwise op) + a fixed cost per dispatched op, plus the
 optimizer step. This module measures those inputs: GEMM rates over the shape classes a transformer step runs
 (square, Linear, LoRA's skinny pair, attention's batched pair), elementwise rates (add, mul, softmax,
-layer_norm, GELU, dropout), the per-op overhead and one AdamW step. Each result carries a ``how`` string so
-the saved profile explains every number. torch is handed in by ``paramcalc.calibrate``: importing this
-module imports no torch.
+layer_norm, GELU, dropout), the per-op overhead and one AdamW step; ``paramcalc.calibrate_step`` times the rest
+of a training step (backward kernels, the loss, fused attention, each optimizer) from the same ``PLANS``. Each
+result carries a ``how`` string so the saved profile explains every number. torch is handed in by
+``paramcalc.calibrate``: importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ PLANS = {
         "dropout": [[1024, 768], [8192, 1024]],
         "optimizer": [[8, 1 << 20], [1024, 256]],  # [tensors, elements each]: bytes-bound, then tensor-bound
         "copy_bytes": 256 * 1024**2, "overhead_ops": 200,
+        # what calibrate_step times: backward kernels, the loss, the embedding's gradient, casts, fused
+        # attention ([b*h, q, k, d]) and the optimizers' steps ([tensors, rows, cols])
+        "softmax_backward": [[96 * 128, 128], [48 * 512, 512]], "layer_norm_backward": [[1024, 768], [8192, 1024]],
+        "gelu_backward": [[1024, 3072], [4096, 4096]], "copy": [[1024, 768], [8192, 1024]],
+        "log_softmax": [[512, 32000], [2048, 50257]], "log_softmax_backward": [[512, 32000], [2048, 50257]],
+        "embedding_backward": [[1024, 768, 30522], [4096, 1024, 50257]],  # [tokens, hidden, vocab]
+        "attention": [[96, 128, 128, 64], [48, 512, 512, 64], [16, 1024, 1024, 64]],
+        "optimizers": [[8, 512, 1024], [128, 16, 16]],
     },
     "cuda": {
         "linear": [[1, 4096, 1024, 1024], [1, 8192, 4096, 4096], [1, 16384, 8192, 8192]],
@@ -51,6 +60,13 @@ PLANS = {
         "dropout": [[8192, 1024], [32768, 4096]],
         "optimizer": [[16, 1 << 24], [4096, 256]],
         "copy_bytes": 1024**3, "overhead_ops": 1000,
+        "softmax_backward": [[96 * 512, 512], [64 * 2048, 2048]],
+        "layer_norm_backward": [[8192, 1024], [32768, 4096]], "gelu_backward": [[8192, 4096], [16384, 16384]],
+        "copy": [[8192, 1024], [32768, 4096]],
+        "log_softmax": [[512, 32000], [8192, 50257]], "log_softmax_backward": [[512, 32000], [8192, 50257]],
+        "embedding_backward": [[4096, 1024, 30522], [16384, 4096, 50257]],
+        "attention": [[96, 512, 512, 64], [128, 1024, 1024, 128], [64, 4096, 4096, 128]],
+        "optimizers": [[16, 4096, 4096], [4096, 16, 16]],
     },
     # --quick: the same classes at sizes that take milliseconds (for tests and a first look; small shapes
     # sit in cache and under-use the cores, so these rates are low for matmuls and high for bandwidth)
@@ -63,6 +79,12 @@ PLANS = {
         "layer_norm": [[64, 128], [256, 256]], "gelu": [[64, 512], [256, 1024]], "dropout": [[64, 128], [256, 256]],
         "optimizer": [[4, 1 << 14], [64, 16]],
         "copy_bytes": 8 * 1024**2, "overhead_ops": 50,
+        "softmax_backward": [[256, 32], [512, 64]], "layer_norm_backward": [[64, 128], [256, 256]],
+        "gelu_backward": [[64, 512], [256, 1024]], "copy": [[64, 128], [256, 256]],
+        "log_softmax": [[64, 1000], [256, 4096]], "log_softmax_backward": [[64, 1000], [256, 4096]],
+        "embedding_backward": [[64, 128, 1000], [256, 256, 4096]],
+        "attention": [[8, 32, 32, 16], [8, 64, 64, 32]],
+        "optimizers": [[4, 128, 128], [32, 16, 16]],
     },
 }
 
@@ -129,7 +151,8 @@ def method(timer: Timer) -> str:
     sync = "; between two torch.cuda.synchronize calls" if timer.kind == "cuda" else ""
     return (f"seconds per call: the fastest of {timer.repeats} samples after a warm-up call; a sample repeats the "
             f"op until it lasts >= {timer.min_sample * 1000:g} ms{sync}; inputs from torch.randn, cast to the "
-            "dtype named, needing no gradient (forward kernels only)")
+            "dtype named; forward kernels on inputs needing no gradient, backward kernels called directly as "
+            "autograd calls them (attention's backward: forward + backward less forward)")
 
 
 def gemm_rates(timer: Timer, dtypes: dict, plan: dict, square: list[int]) -> dict:

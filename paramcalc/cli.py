@@ -338,8 +338,9 @@ def calibrate_command(name, kind, size, quick, as_json):
     """Measure this machine and save it as a device profile that throughput estimates use: matmul FLOP/s
     (fp32 and half precision) and memory bandwidth, plus what a per-op time model needs: matmul rates by
     shape class (square, Linear, LoRA, attention), elementwise rates (add, mul, softmax, layer_norm, GELU,
-    dropout), the fixed cost of one dispatched op and one AdamW step. Each number is saved with how it was
-    measured.
+    dropout, their backward kernels, the loss's log_softmax, the embedding's gradient, dtype casts), the fused
+    attention kernel forward and backward, the fixed cost of one dispatched op and one step of each optimizer
+    (adamw, adam, sgd, sgd-momentum, adafactor, adamw-8bit). Each number is saved with how it was measured.
 
     The CPU's profile (--name cpu) is what the default device reads; any other name becomes
     usable as --device NAME. Profiles live in ~/.cache/paramcalc/profiles (or $PARAMCALC_CACHE_DIR).

@@ -255,6 +255,14 @@ def _rate(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
+def _per(seconds: float, what: str) -> str:
+    """A time per element or per tensor in the unit that keeps it under 1000: '1.28 ns/element'."""
+    for unit, scale in (("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3)):
+        if seconds < 1000 * scale:
+            return f"{seconds / scale:5.3g} {unit}/{what}"
+    return f"{seconds:5.3g} s/{what}"
+
+
 def calibration_table(profile: dict, path) -> "object":
     """What ``paramcalc calibrate`` measured, and where it saved it: the headline rates plan.py uses, then
     one row per measured op kind (its how, the sizes timed, a rate per size and dtype), grouped."""
@@ -305,8 +313,21 @@ def calibration_table(profile: dict, path) -> "object":
     if elementwise:
         table.add_section()
     for name, entry in elementwise.items():
-        table.add_row(name, escape(entry["how"]) + "\nat " + ", ".join(f"{r}x{c}" for r, c in entry["shapes"]),
-                      rates(entry["rate"], "B/s"))
+        vocab = entry.get("vocab")  # the embedding's gradient: [tokens, hidden] into [vocab, hidden]
+        table.add_row(name, escape(entry["how"]) + "\nat " + ", ".join(
+            f"{r}x{c}" + (f" into {vocab[n]}x{c}" if vocab else "") for n, (r, c) in enumerate(entry["shapes"])),
+            rates(entry["rate"], "B/s"))
+    attention = profile.get("attention")
+    if attention:
+        table.add_section()
+        at = "\nat " + ", ".join(f"{h} x ({q}x{d} @ {d}x{k})" for h, q, k, d in attention["shapes"])
+        kernels = "\nbackend: " + ", ".join(f"{dtype} {name}" for dtype, name in attention["backend"].items())
+        for phase in ("forward", "backward"):
+            work = attention[f"flops_{phase}"]
+            how = escape(attention["how"]) + kernels + at if phase == "forward" else \
+                "torch.autograd.grad(forward) less the forward; 10*b*h*q*k*d FLOPs, at the same shapes"
+            table.add_row(f"attention {phase} (sdpa)", how, rates(
+                {dtype: [f / t for f, t in zip(work, times)] for dtype, times in attention[phase].items()}, "FLOP/s"))
     if "overhead" in profile or "optimizer" in profile:
         table.add_section()
     if "overhead" in profile:
@@ -317,6 +338,19 @@ def calibration_table(profile: dict, path) -> "object":
         runs = ", ".join(f"{r['tensors']} x {r['elements']:,}" for r in adamw["runs"])
         table.add_row("AdamW step", escape(f"{adamw['how']}; {adamw['implementation']}; tensors x elements: {runs}"),
                       f"{_rate(1 / adamw['per_byte'], 'B/s')} of state\n+ {adamw['per_tensor'] * 1e6:.3g} µs/tensor")
+    optimizers, missing = profile.get("optimizers", {}), profile.get("optimizers_missing", {})
+    if optimizers or missing:
+        from .calibrate_step import OPTIMIZERS_HOW
+
+        table.add_section()
+        table.add_row("optimizer steps", escape(OPTIMIZERS_HOW[0].upper() + OPTIMIZERS_HOW[1:]), "")
+    for name, entry in optimizers.items():
+        runs = ", ".join(f"{r['tensors']} x {r['shape'][0]}x{r['shape'][1]}" for r in entry["runs"])
+        table.add_row(f"optimizer: {name}", escape(f"{entry['how'].removesuffix('; ' + OPTIMIZERS_HOW)}; "
+                                                   f"{entry['implementation']}; tensors x shape: {runs}"),
+                      f"{_per(entry['per_element'], 'element')}\n+ {_per(entry['per_tensor'], 'tensor')}")
+    for name, why in missing.items():
+        table.add_row(f"optimizer: {name}", escape(f"not measured: {why}"), "-")
     lines = [table]
     if "how" in profile:
         lines.append(Text(f"each time: {profile['how']['method']}" + (" (--quick: small shapes)" if profile.get(

@@ -5,6 +5,7 @@ Wall-clock figures depend on the machine and its load, so they are only checked 
 (small shapes, two samples) keeps each calibration to a few seconds.
 """
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -16,7 +17,13 @@ import pytest
 
 import paramcalc.calibrate
 import paramcalc.calibrate_ops
+import paramcalc.calibrate_step
 from paramcalc.calibrate import calibrate, save_profile
+
+FORWARD_OPS_ORDER = ["add", "mul", "softmax", "layer_norm", "gelu", "dropout"]
+STEP_OPS_ORDER = ["softmax_backward", "layer_norm_backward", "gelu_backward", "log_softmax", "log_softmax_backward",
+                  "embedding_backward", "copy"]
+OPTIMIZERS = {"adamw", "adam", "sgd", "sgd-momentum", "adafactor", "adamw-8bit"}
 
 STEP = ["gpt2", "--task", "causal-lm", "--batch", "2", "--seq", "64", "--json"]
 
@@ -97,7 +104,11 @@ def test_table_says_what_was_measured_and_where_it_went(profiles):
     assert result.exit_code == 0, result.output
     for text in ("fp32 matmul", "bf16 matmul", "memory bandwidth", "FLOP/s", "saved to", "matmul: linear",
                  "matmul: lora down", "matmul: attention scores", "softmax", "layer_norm", "gelu", "dropout",
-                 "per-op overhead", "AdamW step", "each time: seconds per call", "--quick: small shapes"):
+                 "per-op overhead", "AdamW step", "each time: seconds per call", "--quick: small shapes",
+                 "softmax_backward", "layer_norm_backward", "gelu_backward", "log_softmax_backward",
+                 "embedding_backward", "into 4096x256", "copy", "attention forward (sdpa)", "attention backward (sdpa)",
+                 "GFLOP/s", "backend: fp32", "optimizer steps", "optimizer: adamw", "optimizer: sgd-momentum",
+                 "optimizer: adafactor", "s/element", "s/tensor", "tensors x shape: 4 x 128x128, 32 x 16x16"):
         assert text in result.stdout, text
 
 
@@ -111,7 +122,7 @@ def check_per_op_keys(measured, dtypes):
     assert gemm["how"] and elementwise["how"]
     assert set(gemm["classes"]) == {"square", "linear", "lora_down", "lora_up", "attention_scores",
                                     "attention_values"}
-    assert set(elementwise["ops"]) == {"add", "mul", "softmax", "layer_norm", "gelu", "dropout"}
+    assert list(elementwise["ops"]) == [*FORWARD_OPS_ORDER, *STEP_OPS_ORDER]  # the forward ops first, as before
     for entry in gemm["classes"].values():
         assert entry["how"] and len(entry["shapes"]) >= 2 and all(len(shape) == 4 for shape in entry["shapes"])
         assert entry["flops"] == [2 * b * m * k * n for b, m, k, n in entry["shapes"]]
@@ -130,6 +141,7 @@ def check_per_op_keys(measured, dtypes):
     assert len(adamw["runs"]) == 2 and all(positive(run[key]) for run in adamw["runs"]
                                            for key in ("tensors", "elements", "state_bytes", "seconds"))
     assert all(run["state_bytes"] == 16 * run["tensors"] * run["elements"] for run in adamw["runs"])
+    check_step_keys(measured, dtypes)
     # the headline figures are the largest square matmul's: one measurement, not two
     square = gemm["classes"]["square"]
     assert square["shapes"][-1] == [1, measured["size"]] + [measured["size"]] * 2
@@ -138,11 +150,83 @@ def check_per_op_keys(measured, dtypes):
         square["rate"][d][-1] for d in dtypes if d != "fp32")
 
 
+def check_step_keys(measured, dtypes):
+    """The training step's figures: backward elementwise entries with their byte counts, fused attention
+    forward and backward, and every optimizer (or why one is missing)."""
+    ops = measured["elementwise"]["ops"]
+    widths = {"fp32": 4, "fp16": 2, "bf16": 2}
+    for dtype in dtypes:
+        width = widths[dtype]
+        for name in ("softmax_backward", "layer_norm_backward", "gelu_backward"):  # x, grad_out, grad_in
+            assert ops[name]["bytes"][dtype] == [3 * r * c * width for r, c in ops[name]["shapes"]], name
+        copy = ops["copy"]  # from fp32: a plain copy in fp32, a cast into a half dtype
+        assert copy["bytes"][dtype] == [r * c * (4 + width) for r, c in copy["shapes"]]
+        embedding = ops["embedding_backward"]
+        assert embedding["bytes"][dtype] == [(v * h + 2 * t * h) * width
+                                             for (t, h), v in zip(embedding["shapes"], embedding["vocab"])]
+        for name, tensors in (("log_softmax", 2), ("log_softmax_backward", 3)):  # the loss runs in fp32 only
+            assert ops[name]["bytes"][dtype] == [tensors * r * c * 4 for r, c in ops[name]["shapes"]]
+            assert ops[name]["rate"][dtype] == ops[name]["rate"]["fp32"]
+    assert len(ops["embedding_backward"]["vocab"]) == len(ops["embedding_backward"]["shapes"])
+
+    attention = measured["attention"]
+    assert attention["how"] and len(attention["shapes"]) >= 2 and all(len(s) == 4 for s in attention["shapes"])
+    assert attention["flops_forward"] == [4 * h * q * k * d for h, q, k, d in attention["shapes"]]
+    assert attention["flops_backward"] == [10 * h * q * k * d for h, q, k, d in attention["shapes"]]
+    for phase in ("forward", "backward"):
+        assert list(attention[phase]) == dtypes
+        assert all(len(times) == len(attention["shapes"]) and all(map(positive, times))
+                   for times in attention[phase].values())
+    assert list(attention["backend"]) == dtypes and all(attention["backend"].values())
+
+    optimizers, missing = measured["optimizers"], measured["optimizers_missing"]
+    assert set(optimizers) | set(missing) == OPTIMIZERS and not set(optimizers) & set(missing)
+    assert set(missing) <= {"adamw-8bit"}  # only the optional bitsandbytes one may be missing, saying why
+    assert all(isinstance(why, str) and why for why in missing.values())
+    for name, entry in optimizers.items():
+        assert entry["how"] and entry["implementation"], name
+        assert positive(entry["per_element"]) and positive(entry["per_tensor"]), name
+        assert len(entry["runs"]) == 2
+        for run in entry["runs"]:
+            assert len(run["shape"]) == 2 and run["elements"] == run["shape"][0] * run["shape"][1]
+            assert all(positive(run[key]) for key in ("tensors", "elements", "seconds"))
+        (big, many) = entry["runs"]  # one bytes-bound run, one tensor-count-bound run
+        assert big["elements"] > many["elements"] and many["tensors"] > big["tensors"]
+    if "adamw-8bit" in optimizers:  # bitsandbytes quantizes tensors of 4096 elements and more
+        assert all(run["elements"] >= 4096 for run in optimizers["adamw-8bit"]["runs"])
+    assert "adafactor" in optimizers["adafactor"]["how"].lower() and "factored" in optimizers["adafactor"]["how"]
+
+
 def test_the_profile_holds_every_per_op_figure_with_its_how(profiles):
     measured = calibrate(quick=True)
     check_per_op_keys(measured, ["fp32", "bf16"])
     assert measured["optimizer"]["implementation"].startswith("for-loop")  # torch's default on a CPU
+    assert measured["optimizers"]["adamw"]["implementation"].startswith("for-loop")
     assert json.loads(save_profile(measured).read_text()) == measured
+
+
+def test_an_optimizer_that_cannot_run_is_missing_with_the_reason(monkeypatch):
+    """Without bitsandbytes the 8-bit AdamW is left out, saying why (and the table says so); the others stay."""
+    import torch
+
+    from paramcalc.calibrate_ops import PLANS, Timer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    timer = Timer(torch, "cpu", 1, paramcalc.calibrate_ops.QUICK_TIMED_S)
+    found, missing = paramcalc.calibrate_step.optimizer_steps(timer, PLANS["quick"])
+    assert set(found) == OPTIMIZERS - {"adamw-8bit"} and list(missing) == ["adamw-8bit"]
+    assert missing["adamw-8bit"].startswith(("ImportError", "ModuleNotFoundError"))
+    from rich.console import Console
+
+    from paramcalc.report import calibration_table
+
+    console = Console(width=120, record=True)
+    console.print(calibration_table({"name": "cpu", "device": "a CPU", "kind": "cpu", "threads": 2, "torch": "2",
+                                     "size": 64, "fp32": 1e9, "half_dtype": "bf16", "bf16": 1e9, "bandwidth": 1e9,
+                                     "copy_bytes": 1024, "optimizers": found, "optimizers_missing": missing}, "x"))
+    text = console.export_text()
+    assert "optimizer: adamw-8bit" in text and "not measured: ImportError" in text.replace("ModuleNotFound", "Import")
+    assert "optimizer: adafactor" in text
 
 
 def test_the_shapes_recorded_are_the_shapes_timed(profiles, monkeypatch):
@@ -158,7 +242,8 @@ def test_the_shapes_recorded_are_the_shapes_timed(profiles, monkeypatch):
         def recorded(*args, **kwargs):
             tensors = [args[i] for i in which if i < len(args) and isinstance(args[i], torch.Tensor)]
             if tensors[0].numel() > 1:  # not the per-op overhead's 1-element adds
-                calls.add((label, tuple(tuple(t.shape) for t in tensors), str(tensors[0].dtype)))
+                dtype = kwargs.get("dtype", tensors[0].dtype)  # a cast's: the dtype it casts to
+                calls.add((label, tuple(tuple(t.shape) for t in tensors), str(dtype)))
             return original(*args, **kwargs)
 
         monkeypatch.setattr(owner, attribute, recorded)
@@ -169,8 +254,17 @@ def test_the_shapes_recorded_are_the_shapes_timed(profiles, monkeypatch):
     spy(functional, "linear", "linear", 0, 1)
     for name in ("add", "mul"):
         spy(torch, name, name, 0)
-    for name in ("softmax", "layer_norm", "gelu", "dropout"):
+    for name in ("softmax", "layer_norm", "gelu", "dropout", "log_softmax"):
         spy(functional, name, name, 0)
+    spy(functional, "scaled_dot_product_attention", "attention", 0, 1)
+    aten = torch.ops.aten  # the backward kernels, called as autograd calls them
+    for name, op in (("softmax_backward", "_softmax_backward_data"), ("log_softmax_backward",
+                     "_log_softmax_backward_data"), ("layer_norm_backward", "native_layer_norm_backward"),
+                     ("gelu_backward", "gelu_backward"), ("embedding_backward", "embedding_dense_backward"),
+                     ("copy", "_to_copy")):
+        spy(aten, op, name, 0)
+    # the optimizers' own torch calls (Adafactor's torch.mul) are theirs, not a timed shape: left out here
+    monkeypatch.setattr(paramcalc.calibrate_step, "optimizer_steps", lambda timer, plan: ({}, {}))
     measured = calibrate(quick=True)
 
     expected = set()
@@ -184,7 +278,10 @@ def test_the_shapes_recorded_are_the_shapes_timed(profiles, monkeypatch):
                               "attention_scores": ("matmul", ((b, m, k), (b, k, n)), dtype),
                               "attention_values": ("matmul", ((b, m, k), (b, k, n)), dtype)}[name])
         for name, entry in measured["elementwise"]["ops"].items():
-            expected |= {(name, ((rows, cols),), dtype) for rows, cols in entry["shapes"]}
+            timed = "torch.float32" if name in paramcalc.calibrate_step.FP32_ONLY else dtype  # the loss: fp32
+            expected |= {(name, ((rows, cols),), timed) for rows, cols in entry["shapes"]}
+        for heads, q, k, d in measured["attention"]["shapes"]:
+            expected.add(("attention", ((1, heads, q, d), (1, heads, k, d)), dtype))
     assert calls == expected
 
 
@@ -254,6 +351,8 @@ def test_the_cuda_branch_with_a_mocked_gpu(cli, profiles, mocked_gpu):
     check_per_op_keys(measured, ["fp32", "fp16", "bf16"])
     assert measured["half_dtype"] in ("fp16", "bf16") and positive(measured["fp16"]) and positive(measured["bf16"])
     assert "torch.cuda.synchronize" in measured["how"]["method"] and len(mocked_gpu) > 100  # around every sample
+    if importlib.util.find_spec("bitsandbytes"):  # it runs on this CPU, standing in for the GPU
+        assert set(measured["optimizers"]) == OPTIMIZERS
     dropout = measured["elementwise"]["ops"]["dropout"]
     for dtype, width in (("fp32", 4), ("fp16", 2), ("bf16", 2)):  # CUDA's dropout mask: one byte an element
         assert dropout["bytes"][dtype] == [rows * cols * (2 * width + 1) for rows, cols in dropout["shapes"]]

@@ -105,6 +105,7 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
         overhead = ops.per_op_overhead(timer, plan["overhead_ops"])
         optimizer = ops.adamw_step(timer, plan["optimizer"])
         optimizers, optimizers_missing = step.optimizer_steps(timer, plan)
+        touch = step.first_touch(timer, plan["first_touch"])
     except (RuntimeError, MemoryError) as exc:  # out of memory, mostly: the message is torch's first line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ParamcalcError(f"calibration failed timing {timer.doing}: {first}; try a smaller --size "
@@ -129,7 +130,8 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
             # the per-op time model's inputs (new in profiles from this version; plan.py needs none of them)
             "quick": quick, "repeats": repeats, "load": load, "dtypes": list(dtypes), "how": how,
             "gemm": gemm, "elementwise": elementwise, "overhead": overhead, "optimizer": optimizer,
-            "attention": attention, "optimizers": optimizers, "optimizers_missing": optimizers_missing}
+            "attention": attention, "optimizers": optimizers, "optimizers_missing": optimizers_missing,
+            "first_touch": touch}
 
 
 def save_profile(profile: dict) -> Path:

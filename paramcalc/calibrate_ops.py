@@ -46,7 +46,8 @@ PLANS = {
         "log_softmax": [[512, 32000], [2048, 50257]], "log_softmax_backward": [[512, 32000], [2048, 50257]],
         "embedding_backward": [[1024, 768, 30522], [4096, 1024, 50257]],  # [tokens, hidden, vocab]
         "attention": [[96, 128, 128, 64], [48, 512, 512, 64], [16, 1024, 1024, 64]],
-        "optimizers": [[8, 512, 1024], [128, 16, 16]],
+        "optimizers": [[2, 4096, 2048], [128, 16, 16]],
+        "first_touch": [8, 16, 32, 64],  # MiB: glibc's mmap threshold grows to at most 32 MiB on 64-bit
     },
     "cuda": {
         "linear": [[1, 4096, 1024, 1024], [1, 8192, 4096, 4096], [1, 16384, 8192, 8192]],
@@ -66,7 +67,7 @@ PLANS = {
         "log_softmax": [[512, 32000], [8192, 50257]], "log_softmax_backward": [[512, 32000], [8192, 50257]],
         "embedding_backward": [[4096, 1024, 30522], [16384, 4096, 50257]],
         "attention": [[96, 512, 512, 64], [128, 1024, 1024, 128], [64, 4096, 4096, 128]],
-        "optimizers": [[16, 4096, 4096], [4096, 16, 16]],
+        "optimizers": [[16, 4096, 4096], [4096, 16, 16]], "first_touch": [],
     },
     # --quick: the same classes at sizes that take milliseconds (for tests and a first look; small shapes
     # sit in cache and under-use the cores, so these rates are low for matmuls and high for bandwidth)
@@ -84,7 +85,7 @@ PLANS = {
         "log_softmax": [[64, 1000], [256, 4096]], "log_softmax_backward": [[64, 1000], [256, 4096]],
         "embedding_backward": [[64, 128, 1000], [256, 256, 4096]],
         "attention": [[8, 32, 32, 16], [8, 64, 64, 32]],
-        "optimizers": [[4, 128, 128], [32, 16, 16]],
+        "optimizers": [[4, 128, 128], [32, 16, 16]], "first_touch": [1, 4],
     },
 }
 

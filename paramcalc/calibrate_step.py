@@ -222,3 +222,30 @@ def _quiet():
             yield
     finally:
         logger.setLevel(level)
+
+
+FIRST_TOUCH_HOW = ("seconds to fill a freshly allocated fp32 tensor (torch.empty(n).fill_) less a fill of one "
+                   "allocated before, at each size; 'threshold': the smallest size at which the fresh one takes "
+                   "over twice as long (the C library hands allocations that large straight to the OS, whose "
+                   "new pages fault in on first write, every time); 'rate': bytes / the extra seconds there")
+
+
+def first_touch(timer: Timer, sizes_mib: list[int]) -> dict:
+    """What a step pays, on a CPU, for each large tensor it allocates: pages the OS maps in on first write.
+    CUDA's caching allocator reuses its blocks, so a GPU profile has no threshold."""
+    torch = timer.torch
+    if timer.kind != "cpu":
+        return {"how": "CUDA's caching allocator reuses freed blocks: no first-touch cost", "threshold": None,
+                "rate": None, "runs": []}
+    runs, threshold, rate = [], None, None
+    for mib in sizes_mib:
+        elements = mib * 1024**2 // 4
+        timer.doing = f"filling a fresh {mib} MiB tensor"
+        kept = torch.empty(elements)
+        warm = timer.seconds(lambda: kept.fill_(1.0))
+        fresh = timer.seconds(lambda: torch.empty(elements).fill_(1.0))
+        del kept
+        runs.append({"mib": mib, "warm_s": warm, "fresh_s": fresh})
+        if threshold is None and fresh > 2 * warm:
+            threshold, rate = mib * 1024**2, mib * 1024**2 / (fresh - warm)
+    return {"how": FIRST_TOUCH_HOW, "threshold": threshold, "rate": rate, "runs": runs}

@@ -34,8 +34,8 @@ def module_ops(name, module, record, x, out, ops: _Ops, where: _Where, backward:
         if backward and (record.weight_grads or module.lora_rank):
             ops.phase = "backward"
             if record.weight_grads:
-                ops.ew("embedding_backward", sum(b for _, b in record.weight_grads) + 2 * out.bytes, out.width,
-                       "embeddings and loss")
+                grads = sum(b for _, b in record.weight_grads)
+                ops.ew("embedding_backward", grads + 2 * out.bytes, out.width, "embeddings and loss", written=grads)
             if module.lora_rank:
                 ops.mm("lora_down", 1, module.tokens, module.fan_out, module.lora_rank, width)
                 ops.mm("lora_down", 1, module.lora_rank, module.tokens, module.fan_out, width)

@@ -38,6 +38,7 @@ class Op:
     width: int = 4  # bytes per element of what it computes in
     dispatches: int = 1
     shape: tuple[int, ...] = ()  # a matmul's [batch, m, k, n]
+    written: int = 0  # bytes of the new tensor it allocates and writes (on a CPU, large ones fault in: timing)
 
     @property
     def matmul(self) -> bool:
@@ -54,10 +55,16 @@ class _Ops(list):
     def mm(self, kernel: str, batch: int, m: int, k: int, n: int, width: int, kind: str = "matmuls",
            dispatches: int = 1) -> None:
         self.append(Op(self.phase, kind, self.name, kernel, 2 * batch * m * k * n,
-                       (batch * m * k + batch * k * n + batch * m * n) * width, width, dispatches, (batch, m, k, n)))
+                       (batch * m * k + batch * k * n + batch * m * n) * width, width, dispatches, (batch, m, k, n),
+                       batch * m * n * width))
 
-    def ew(self, kernel: str, nbytes: int, width: int, kind: str = "elementwise", dispatches: int = 1) -> None:
-        self.append(Op(self.phase, kind, self.name, kernel, 0, int(nbytes), width, dispatches))
+    def ew(self, kernel: str, nbytes: int, width: int, kind: str = "elementwise", dispatches: int = 1,
+           written: int | None = None) -> None:
+        """An elementwise op moving ``nbytes``; by default it writes one new tensor the size of each it reads
+        (a third of what a binary op or a backward kernel moves, half of what a unary op moves)."""
+        if written is None:
+            written = nbytes // (3 if kernel in ("add", "mul") or kernel.endswith("_backward") else 2)
+        self.append(Op(self.phase, kind, self.name, kernel, 0, int(nbytes), width, dispatches, (), int(written)))
 
 
 @dataclass
@@ -176,7 +183,7 @@ def _record(record, ops: _Ops, where: _Where, forward_only: bool = False) -> Non
         if backward and record.weight_grads:
             ops.phase = "backward"
             ops.ew("embedding_backward", sum(b for _, b in record.weight_grads) + 2 * out.bytes, out.width,
-                   "embeddings and loss")
+                   "embeddings and loss", written=sum(b for _, b in record.weight_grads))
         return
     if name.startswith("attention core"):
         attention_ops(record, name, ops, where, backward)
@@ -261,4 +268,4 @@ def _loss(record, ops: _Ops, last: bool) -> None:
     ops.ew("copy", 0, 4, "embeddings and loss", dispatches=2)
     if inputs and inputs[0].grad:
         ops.phase = "backward"
-        ops.ew("copy", inputs[0].bytes, 4, "embeddings and loss", dispatches=2)
+        ops.ew("copy", inputs[0].bytes, 4, "embeddings and loss", dispatches=2, written=inputs[0].bytes)

@@ -61,6 +61,15 @@ class Rates:
         self.half_label = self.saved.get("half_dtype", half_label)
         self.overhead = (self.saved.get("overhead") or {}).get("seconds", DATASHEET["overhead_s"])
 
+    def first_touch(self, nbytes: int) -> float:
+        """Seconds a new tensor of ``nbytes`` costs before its kernel runs at speed: on a CPU, an allocation at
+        or above the C library's mmap threshold gets fresh pages from the OS each time, faulted in on first
+        write (calibrated: ``first_touch``); CUDA's caching allocator reuses its blocks."""
+        touch = self.saved.get("first_touch") or {}
+        if not touch.get("threshold") or nbytes < touch["threshold"]:
+            return 0.0
+        return nbytes / touch["rate"]
+
     def label(self, width: int) -> str:
         return "fp32" if width == 4 else self.half_label
 
@@ -140,6 +149,7 @@ def op_seconds(op: Op, rates: Rates) -> tuple[float, str]:
     else:
         memory = op.bytes / rates.stream(op.kernel, op.bytes, op.width) if op.bytes else 0.0
     overhead = op.dispatches * rates.overhead
+    memory += rates.first_touch(op.written)
     bound = max((compute, "compute"), (memory, "memory"), (overhead, "overhead"))[1]
     return max(compute, memory) + overhead, bound
 

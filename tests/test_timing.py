@@ -125,3 +125,16 @@ def test_the_time_model_imports_no_torch():
              "print(any(m in sys.modules for m in ('torch', 'transformers', 'peft')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_large_new_tensors_pay_their_first_touch_on_a_cpu():
+    from paramcalc.oplist import Op
+
+    saved = {"first_touch": {"threshold": 1000, "rate": 1e4}, "overhead": {"seconds": 0.0}}
+    rates = Rates(saved, MATMUL, 1e18)
+    small = Op("forward", "elementwise", "x", "add", 0, 3, 4, 1, (), 999)
+    large = Op("forward", "elementwise", "x", "add", 0, 3, 4, 1, (), 2000)
+    assert op_seconds(small, Rates(saved, MATMUL, 1e18))[0] == pytest.approx(3 / 1e18)
+    assert op_seconds(large, rates)[0] == pytest.approx(3 / 1e18 + 2000 / 1e4)
+    gpu = Rates({"first_touch": {"threshold": None, "rate": None}}, MATMUL, 1e18)  # CUDA's caching allocator
+    assert gpu.first_touch(10**9) == 0.0

@@ -351,6 +351,13 @@ def calibration_table(profile: dict, path) -> "object":
                       f"{_per(entry['per_element'], 'element')}\n+ {_per(entry['per_tensor'], 'tensor')}")
     for name, why in missing.items():
         table.add_row(f"optimizer: {name}", escape(f"not measured: {why}"), "-")
+    touch = profile.get("first_touch")
+    if touch and touch.get("runs"):
+        table.add_section()
+        sizes = ", ".join(f"{r['mib']} MiB" for r in touch["runs"])
+        table.add_row("first touch", escape(f"{touch['how']}; at {sizes}"),
+                      f"from {_bytes(touch['threshold'])}\n{_rate(touch['rate'], 'B/s')}" if touch["threshold"]
+                      else "none seen")
     lines = [table]
     if "how" in profile:
         lines.append(Text(f"each time: {profile['how']['method']}" + (" (--quick: small shapes)" if profile.get(

@@ -403,3 +403,12 @@ def test_a_damaged_profile_is_refused_by_name(cli, refused, profiles, text):
     (profiles / "mybox.json").write_text(text)
     refused(cli(*STEP), "cpu.json is not a calibrated profile")
     refused(cli(*STEP, "--device", "mybox"), "run 'paramcalc calibrate --name mybox' again")
+
+
+def test_first_touch_finds_where_new_tensors_fault_in(profiles, monkeypatch):
+    # sizes up to 64 MiB: glibc maps allocations of 32 MiB and more afresh, so a threshold shows by 64 MiB
+    monkeypatch.setitem(paramcalc.calibrate_ops.PLANS["quick"], "first_touch", [1, 64])
+    touch = calibrate(size=64, quick=True)["first_touch"]
+    assert [r["mib"] for r in touch["runs"]] == [1, 64] and all(positive(r["fresh_s"]) for r in touch["runs"])
+    if touch["threshold"] is not None:  # another C library may never hand memory back
+        assert touch["threshold"] in (1024**2, 64 * 1024**2) and positive(touch["rate"])

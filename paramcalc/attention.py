@@ -36,7 +36,7 @@ Torch-free: the analytic path.
 
 from __future__ import annotations
 
-from . import expr, masks
+from . import expr, flops_methods, masks
 from .ledger import Record, Value
 
 
@@ -99,17 +99,27 @@ def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_ou
     """
     b, heads, dim, q_len, k_len = shapes(core, ctx.values)
     q, k, v = inputs
+    prefix = None
+    if getattr(ctx, "prefix_tokens", 0) and flops_methods.prefixed(core, ctx.family):
+        # peft's prefix for this layer (paramcalc.replay_methods): the cache puts it in front of k and v
+        prefix = ctx.prefix_cache.pop(ctx.layer)
+        k_len += ctx.prefix_tokens
     extras = masks.read_by(core, streams or {})
     record.inputs = [*record.inputs, *extras.values()]
     bias = extras.get("bias")
-    grad = q.grad or k.grad or v.grad or bool(bias and bias.grad)
+    grad = q.grad or k.grad or v.grad or bool(bias and bias.grad) or bool(prefix and prefix[0].grad)
     runs = kernel(ctx.step, core, ctx.config, ctx.device, bool(bias and bias.grad))
     if runs == "eager":
         cache = core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing
         # BLOOM reshapes q, k, v out of its fused projection to [b*heads, s, d]: with one sequence a view
         # (the matmuls keep the whole projection), with more a copy; k and v out of the cache are contiguous
         views = [bool(core.get("fused_qkv")) and b == 1] * 3
-        if cache and (k.width != ctx.compute or core.get("fused_qkv")):
+        if prefix:  # the cache's concatenations are what the matmuls read (cast first when wider)
+            cached = [_concat(record, p, value, b * k_len * heads * dim, ledger, new) for p, value in zip(prefix, (k, v))]
+            until_output += [value.tid for value in cached]
+            inputs = (q, *cached)
+            views[1:] = [value.width == ctx.compute for value in cached]
+        elif cache and (k.width != ctx.compute or core.get("fused_qkv")):
             # The key/value cache's copies of k and v are what the matmuls read. Where they already have the
             # matmuls' dtype they stand in for the copies below (BLOOM's are read as they are); cast (an fp32
             # 4-bit output under autocast) they are more, alive until the model's output dies.
@@ -120,22 +130,47 @@ def replay(core: dict, inputs, ledger, ctx, new, save, dropout, record, until_ou
             inputs = (q, *cached)
             views[1:] = [bool(core.get("fused_qkv")) and value.width == ctx.compute for value in cached]
         held = held or {}
+        # k and v in the matmuls' dtype: the cache's copies are the contiguous operands the matmuls read, alive
+        # until the model's output dies
+        kept = until_output if cache and not prefix and not core.get("fused_qkv") and k.width == ctx.compute else None
         return _eager(core, b, heads, dim, q_len, k_len, inputs, grad, ledger, ctx, new, dropout, record,
                       extras if streams is not None else None, held.get("return") if core.get("scores_held") else None,
-                      held.get(core.get("weights_held", "block")), views)
+                      held.get(core.get("weights_held", "block")), views, kept)
     mask, made = None, []
     if bias is not None:  # sdpa's float attn_mask, made from the bias
-        mask, made = masks.sdpa_mask(core, bias, ledger, ctx, new, lambda *a, **k: _stage(record, *a, ledger, **k))
+        mask, made = masks.sdpa_mask(core, bias, ledger, ctx, new, lambda *a, **k: _stage(record, *a, ledger, **k),
+                                     b if prefix else 1)
     cached = []
-    if core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
+    if prefix:
+        cached = [_concat(record, p, value, b * k_len * heads * dim, ledger, new) for p, value in zip(prefix, (k, v))]
+        if mask is None and core.get("mask"):
+            # q and k differ in length, so the model hands sdpa a boolean causal mask, which sdpa turns into a
+            # float one (the fused kernel keeps it for backward)
+            mask = new(b * q_len * k_len, 4, False)
+            made.append(mask)
+    elif core.get("kv_cache") and ctx.config.get("use_cache", True) and not ctx.step.grad_checkpointing:
         # the model's key/value cache (on unless checkpointing turns it off) concatenates k and v into new,
         # contiguous tensors, and the kernel reads those
         cached = [new(b * k_len * heads * dim, ctx.compute, value.grad) for value in (k, v)]
+    if runs == "math" and core.get("mask") and mask is None:
+        # sdpa is told is_causal: the math path builds its causal bias, q x k in fp32, alive while it runs
+        made.append(new(q_len * k_len, 4, False))
     if runs == "fused":
         operands = [*((q, *cached) if cached else inputs), *([mask] if mask is not None else [])]
-        out = _fused(b, heads, dim, q_len, operands, grad, ledger, ctx, new, save)
+        if record.stages:  # (a prefix's concatenations came first): the kernel is a stage of its own
+            if ctx.autocast:  # sdpa is on autocast's lower-precision list: the fp32 cache is cast for it
+                for index, value in enumerate(operands):
+                    if value.width != ctx.compute:
+                        operands[index] = new(value.elements, ctx.compute, value.grad)
+                        _stage(record, [value], operands[index], ledger)
+                        made.append(operands[index])
+            fused = _stage(record, operands, None, ledger)
+            fused.output = out = _fused(b, heads, dim, q_len, operands, grad, ledger, ctx, new,
+                                        lambda value: _keep(fused, value, ledger))
+        else:
+            out = _fused(b, heads, dim, q_len, operands, grad, ledger, ctx, new, save)
     else:
-        if cached:  # (cat's backward hands each input its slice of the gradient)
+        if cached and not prefix:  # (cat's backward hands each input its slice of the gradient)
             for value, copy in zip((k, v), cached):
                 _stage(record, [value], copy, ledger)
         out = _math(core, b, heads, dim, q_len, k_len, (q, *cached) if cached else inputs, bool(cached), ledger,
@@ -235,6 +270,20 @@ def _math(core, b, heads, dim, q_len, k_len, operands, contiguous_kv, ledger, ne
     return out
 
 
+def _concat(record, prefix: Value, value: Value, elements: int, ledger, new) -> Value:
+    """The cache's torch.cat of a layer's prefix and its own keys (or values), in the wider dtype of the two. Its
+    backward hands the prefix a view of the gradient, which keeps that gradient alive until the prefix encoder's
+    backward (``passes``); the cache holds the concatenation instead of the prefix."""
+    width = max(prefix.width, value.width)
+    cast = new(elements - prefix.elements, width, value.grad) if value.width != width else None  # (cat promotes)
+    out = new(elements, width, True)
+    _stage(record, [prefix, value], out, ledger, passes=prefix)
+    for dead in (cast, prefix):
+        if dead is not None:
+            ledger.drop(dead.tid)
+    return out
+
+
 def _stage(record, inputs, output, ledger, saves=(), scratch: int = 0, passes=None) -> Record:
     """One autograd node of an attention core, appended to its record's stages."""
     stage = Record(list(inputs), output, [], [], [], scratch=scratch, passes=passes)
@@ -245,16 +294,19 @@ def _stage(record, inputs, output, ledger, saves=(), scratch: int = 0, passes=No
 
 
 def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, dropout, record, extras=None,
-           held=None, returned=None, views=(False, False, False)):
+           held=None, returned=None, views=(False, False, False), cached=None):
     """transformers' eager attention, op by op (each op a stage of ``record``, as in ``_math``). ``extras``: the
     bias and mask it adds to the scores (None: not replayed, an fp32 mask assumed where the core says so);
     ``held``: where the scores go when the module's locals keep them until it returns; ``returned``: where the
     attention weights it returns go (a layer keeps them in a local, ``_``, until it returns or the next
     attention of the layer returns: under autocast T5's are fp32, not the half copy its matmul keeps);
-    ``views``: which of q, k, v the matmuls read as they are."""
+    ``views``: which of q, k, v the matmuls read as they are; ``cached``: where the copies of k and v go when
+    the key/value cache holds them (until the model's output dies)."""
     width = ctx.compute
     copies = [value if view else new(b * length * heads * dim, width, value.grad)
               for value, length, view in zip(operands, (q_len, k_len, k_len), views)]
+    if cached is not None:
+        cached += [ledger.hold(copy.tid) for copy, value in zip(copies[1:], operands[1:]) if copy is not value]
     for value, copy in zip(operands, copies):  # matmul copies the transposed q, k and v
         if copy is not value:
             _stage(record, [value], copy, ledger)
@@ -286,8 +338,10 @@ def _eager(core, b, heads, dim, q_len, k_len, operands, grad, ledger, ctx, new, 
         held.append(logits.tid)
     else:
         ledger.drop(logits.tid)
-    back = operands[0].width  # the projections' dtype (fp32 out of a 4-bit Linear under autocast)
-    if probs.width != back and core.get("softmax_cast_back"):  # .type(value.dtype) / .to(query's dtype)
+    # the dtype the core casts the probabilities back to (fp32 out of a 4-bit Linear under autocast; a prefixed
+    # cache's values are fp32 too): its value's (GPT-2) or its query's (BLOOM)
+    back = operands[2 if core.get("softmax_cast_back") == "value" else 0].width
+    if probs.width != back and core.get("softmax_cast_back"):
         probs = _cast(record, probs, back, ledger, new)
     stage = _stage(record, [probs], None, ledger)
     dropped = dropout(probs, dropout_of(core, ctx.config), lambda value: _keep(stage, value, ledger))

@@ -116,7 +116,7 @@ class Ledger:
                 self.timeline.curve.append((self.phase, self.current))
 
 
-def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated: dict[str, int | None],
+def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated: dict[str, tuple[int | None, int]],
              uses: dict[str, int]) -> None:
     """Run one op's backward: the gradients of its inputs (and weights) while its output's gradient and its
     saved tensors are alive, then free both."""
@@ -137,21 +137,27 @@ def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated:
             ledger.drop(held)
         for name, nbytes in record.weight_grads:
             if name not in allocated:
-                # a weight used twice (tied) waits in autograd's input buffer for its second gradient
+                # a weight used more than once (tied) waits in autograd's input buffer for its other gradients
                 kind = "transient" if uses.get(name, 1) > 1 else "gradients"
-                allocated[name] = ledger.new(nbytes, kind) if kind == "transient" else None
+                allocated[name] = (ledger.new(nbytes, kind), 1) if kind == "transient" else (None, 1)
                 if kind == "gradients":
                     if ledger.accumulating:
                         ledger.drop(ledger.new(nbytes, "transient"))
                     else:
                         ledger.new(nbytes, kind)
-            elif allocated[name] is not None:  # the second gradient, summed out of place into .grad
-                second = ledger.new(nbytes, "transient")
-                if not ledger.accumulating:
-                    ledger.new(nbytes, "gradients")
-                ledger.drop(second)
-                ledger.drop(allocated[name])
-                allocated[name] = None
+            elif allocated[name][0] is not None:  # another gradient, summed out of place
+                buffer, seen = allocated[name]
+                incoming = ledger.new(nbytes, "transient")
+                last = seen + 1 >= uses.get(name, 1)
+                if last:  # the sum becomes .grad
+                    summed = None
+                    if not ledger.accumulating:
+                        ledger.new(nbytes, "gradients")
+                else:
+                    summed = ledger.new(nbytes, "transient")
+                ledger.drop(incoming)
+                ledger.drop(buffer)
+                allocated[name] = (summed, seen + 1)
         if record.leaf:  # accumulated into the leaf's .grad, freed with the graph when backward ends
             grad_of[-out.tid] = grad_of.pop(out.tid)
         else:

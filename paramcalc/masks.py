@@ -64,14 +64,15 @@ def forward_tensor(spec: dict, ledger, ctx, checkpointed: bool = False) -> tuple
     row = _row_key(spec.get("row", ""))
     if spec["made"] == "lookup" and row not in ctx.modules:
         return None
-    elements = expr.evaluate(spec["elements"], ctx.values)
+    elements = expr.evaluate(spec["elements"], ctx.values) * _wider(spec, ctx)
     width = {"master": ctx.master, "compute": ctx.compute, "norm": 4 if ctx.autocast else ctx.master}[spec["dtype"]]
     grad = needs_grad(spec, ctx.step, lambda name: getattr(ctx.modules.get(_row_key(name)), "weight_trains", False))
+    elements = int(elements)
     value = Value(ledger.new(elements * width, "activations"), elements, width, grad)
     record = Record([], value, [], [], [], leaf=grad and spec["made"] == "zeros")
     if grad and spec["made"] == "lookup":
         if not checkpointed:  # embedding's backward keeps the indices (made by a checkpointed layer: not yet)
-            indices = expr.evaluate(spec["indices"], ctx.values) * 8
+            indices = int(expr.evaluate(spec["indices"], ctx.values) * _wider(spec, ctx)) * 8
             record.saved.append(ledger.new(indices, "activations"))
             record.saved_sizes.append((indices, "activations"))
         per_layer = ctx.grads.get(row, [])
@@ -90,6 +91,19 @@ def remade(family, item) -> list[Value]:
             and item.arguments[spec["name"]].grad]
 
 
+def _wider(spec: dict, ctx) -> float:
+    """How much wider prefix tuning makes a mask or position bias (``paramcalc.replay_methods``): a prefixed
+    attention core that adds it to its scores reads ``n_v`` more keys."""
+    from .flops_methods import prefixed
+
+    n = getattr(ctx, "prefix_tokens", 0)
+    for core in ctx.family.attention if n else ():
+        if spec["name"] in (core.get(role) for role in ROLES) and prefixed(core, ctx.family):
+            keys = expr.evaluate(core["k_len"], ctx.values)
+            return (keys + n) / keys
+    return 1
+
+
 def _row_key(name: str) -> str:
     """How the replay keys a row (``flops._base_name``: rows that bias=all splits end in " weight"/" bias")."""
     return name.removesuffix(" weight").removesuffix(" bias")
@@ -101,21 +115,27 @@ def read_by(core: dict, streams: dict) -> dict[str, Value]:
     return {role: streams[name] for role, name in names.items() if name and name in streams}
 
 
-def sdpa_mask(core: dict, bias: Value, ledger, ctx, new, stage) -> tuple[Value, list[Value]]:
+def sdpa_mask(core: dict, bias: Value, ledger, ctx, new, stage, batch: int = 1) -> tuple[Value, list[Value]]:
     """The float attn_mask sdpa gets for ``bias``, and the copies made for it (freed when sdpa returns,
-    unless the kernel keeps them). ``stage(inputs, output, passes=None, saves=())`` adds an autograd node."""
+    unless the kernel keeps them). ``stage(inputs, output, passes=None, saves=())`` adds an autograd node.
+    ``batch``: the causal mask has a batch dimension (prefix tuning's, ``paramcalc.replay_methods``), which the
+    masked bias then gets too."""
     mask, made = bias, []
     how = core.get("sdpa_mask", "as-is")
-    if how in ("copy", "causal"):
+    if how == "copy":  # contiguous(): its backward hands the gradient on
         mask = new(bias.elements, bias.width, bias.grad)
         made.append(mask)
-        if how == "copy":  # contiguous(): its backward hands the gradient on
-            stage([bias], mask, passes=bias)
-        else:  # torch.where keeps its condition: a boolean q x k (broadcast over heads)
-            heads = expr.evaluate(core["heads"], ctx.values)
-            condition = Value(ledger.new(bias.elements // heads, "activations"), bias.elements // heads, 1, False)
-            stage([bias], mask, saves=[condition] * bias.grad)
-            ledger.drop(condition.tid)
+        stage([bias], mask, passes=bias)
+    elif how == "causal":  # torch.where keeps its condition: a boolean q x k (broadcast over heads); then contiguous()
+        heads = expr.evaluate(core["heads"], ctx.values)
+        where = new(bias.elements * batch, bias.width, bias.grad)
+        condition = Value(ledger.new(where.elements // heads, "activations"), where.elements // heads, 1, False)
+        stage([bias], where, saves=[condition] * bias.grad)
+        ledger.drop(condition.tid)
+        mask = new(where.elements, where.width, where.grad)
+        stage([where], mask, passes=where)
+        ledger.drop(where.tid)
+        made.append(mask)
     if ctx.autocast and mask.width != ctx.compute:  # autocast casts sdpa's float inputs
         cast = new(mask.elements, ctx.compute, mask.grad)
         stage([mask], cast)

@@ -22,6 +22,10 @@ ACTIVATION_SAVES = {"gelu": ("input",), "gelu_pytorch_tanh": ("input",), "relu":
 # bloom_gelu_back has five alive while it builds its derivative, and autograd's walk back through GPT-2's
 # tanh GELU (pow, tanh, three products) holds as many.
 ACTIVATION_BACKWARD_SCRATCH = {"bloom_gelu": 5, "gelu_new": 2}
+# ... and in forward, before the output exists: BLOOM's bloom_gelu_forward (x * 0.5 * (1 + tanh(0.79788456 * x *
+# (1 + 0.044715 * x * x)))) holds four input-sized temporaries at its widest (x*0.5, 0.79788456*x, 0.044715*x
+# and its product with x); measured with torch 2.13 on a CPU, with and without grad.
+ACTIVATION_FORWARD_SCRATCH = {"bloom_gelu": 4}
 # transformers' T5Config turns feed_forward_proj into the activation it runs
 T5_ACTIVATION = {"relu": "relu", "gated-gelu": "gelu_new", "gelu": "gelu", "gated-silu": "silu", "silu": "silu"}
 
@@ -43,6 +47,8 @@ def activation(key: str, x: Value, ledger: Ledger, ctx, new, save, record: Recor
     name = T5_ACTIVATION.get(name, name) if key == "feed_forward_proj" else name
     record.scratch = ACTIVATION_BACKWARD_SCRATCH.get(name, 0) * x.bytes
     saves = ACTIVATION_SAVES.get(name, ("input",))
+    if name in ACTIVATION_FORWARD_SCRATCH:
+        ledger.drop(ledger.new(ACTIVATION_FORWARD_SCRATCH[name] * x.bytes, "transient"))
     out = new(x.elements, x.width, x.grad)
     if x.grad:
         for what in saves:
@@ -97,12 +103,15 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
         operand = new(x.elements, ctx.compute, x.grad)
     if trains:
         save(operand)
-    if ctx.autocast and ctx.master != ctx.compute and (x.grad or module.lora_rank) and not quantized:
+    if ctx.autocast and ctx.master != ctx.compute and (x.grad or module.lora_rank or module.weight_trains) \
+            and not quantized:
         copy = new(module.fan_in * module.fan_out, ctx.compute, False)
         if x.grad:
             save(copy)
         if module.weight_trains:  # autocast caches casts of trainable leaves until the forward ends
             cache.append(ledger.hold(copy.tid))
+            if getattr(module, "bias", 0):  # (a method's Linear: its bias too)
+                cache.append(new(module.bias, ctx.compute, False).tid)
         ledger.drop(copy.tid)
     if module.lora_rank:
         lora_in = x
@@ -127,10 +136,16 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
         hidden = new(module.tokens * module.lora_rank, ctx.compute, True)
         save(hidden)
         ledger.drop(hidden.tid)
-    out = base if quantized else new(module.tokens * module.fan_out, ctx.compute, grad_out)
+    # a checkpointed layer's re-run stops before its last kernel (activations._recompute): no output is made
+    stop = ctx.stop and not quantized
+    elements = module.tokens * module.fan_out
+    if stop and not module.ia3_output:
+        out = Value(ledger.new(0, "activations"), elements, ctx.compute, grad_out)
+    else:
+        out = base if quantized else new(elements, ctx.compute, grad_out)
     if module.ia3_output:  # peft scales the output: the unscaled output is saved for the scale's gradient
         save(out)
-        scaled = new(out.elements, out.width, True)
+        scaled = Value(ledger.new(0, "activations"), elements, out.width, True) if stop else new(elements, out.width, True)
         ledger.drop(out.tid)
         out = scaled
     if operand is not x:

@@ -59,8 +59,13 @@ def test_replayed_peak_within_5_percent_of_the_traced_peak(family, method, preci
     # What the peak is made of: each category within 10 %, or within 3 % of the peak for the small ones
     # (what the replay leaves out, the token ids, labels and position ids, weighs most in these tiny configs).
     # When the forward and backward high-water marks are that close the peak may fall in either phase, and
-    # the two instants hold different things: the comparison needs the same instant.
+    # the two instants hold different things: the comparison needs the same instant. So may two moments of
+    # backward, told apart by the gradients computed so far (T5 bf16 eager checkpointed: re-running the last
+    # decoder layer and the first encoder layer come within 384 bytes of each other in the replay).
     if replayed.phase_of_peak != traced.phase_of_peak:
+        return
+    done, total = (replayed.at_peak["gradients"], traced.at_peak["gradients"]), traced.after_step["gradients"]
+    if replayed.phase_of_peak == "backward" and abs(done[0] - done[1]) > 0.25 * total:
         return
     for category, traced_name in CATEGORY_NAMES.items():
         ours, theirs = replayed.at_peak[category], traced.at_peak[traced_name]

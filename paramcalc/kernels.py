@@ -152,6 +152,8 @@ def attention_ops(record, name, ops: _Ops, where: _Where, backward: bool) -> Non
     if not extras and runs == "eager" and core.get("fp32_mask"):
         ops.ew("add", 3 * scores * width, width, kc)
     ops.ew("softmax", 2 * scores * soft, soft, kc)
+    if runs == "math":  # torch's _safe_softmax: rows that are all -inf give 0 (isneginf, all, where)
+        ops.ew("mul", scores * (soft + 1 + 1 + 2 * soft), soft, kc, dispatches=3, written=scores * soft)
     if p > 0:
         ops.ew("dropout", (2 * soft + (soft if where.device == "cpu" else 1)) * scores, soft, kc, dispatches=3)
     ops.mm("attention_values", bh, q_len, k_len, dim, width, kc)

@@ -85,11 +85,13 @@ def check_prefix(result, family, step) -> None:
                              "by num_layers, and the decoder's later layers find no cache (IndexError)")
 
 
-def encoder_flops(result, values: dict, family) -> int:
-    """Forward FLOPs of the prompt encoder (backward: twice as many, see above)."""
+def encoder_flops(result, values: dict, family, methods=("ptuning", "prefix")) -> int:
+    """Forward FLOPs of the prompt encoder of ``methods`` (backward: twice as many, see above)."""
     total = 0
     dim = values[family.peft["token_dim"]]
     for method, options in result.peft_options:
+        if method not in methods:
+            continue
         if method == "ptuning":
             tokens = options.tokens * _submodules(result, options)
             hidden = options.hidden or dim

@@ -53,20 +53,6 @@ def module_ops(name, module, record, x, out, ops: _Ops, where: _Where, backward:
             ops.phase = "backward"
             ops.ew("layer_norm_backward", 2 * x.bytes + out.bytes, x.width)
         return
-    if module.kind == "adapter":  # down, activation, up (+ the residual the flow adds): all of it trains
-        tokens, hidden, width_b = module.tokens, module.fan_in, module.fan_out
-        ops.mm("lora_down", 1, tokens, hidden, width_b, where.compute)
-        ops.ew("gelu", 2 * tokens * width_b * where.compute, where.compute)
-        ops.mm("lora_up", 1, tokens, width_b, hidden, where.compute)
-        if backward:
-            ops.phase = "backward"
-            ops.mm("lora_down", 1, tokens, hidden, width_b, where.compute)  # up's input gradient
-            ops.mm("lora_down", 1, width_b, tokens, hidden, where.compute)  # up's weight gradient
-            ops.ew("gelu_backward", 3 * tokens * width_b * where.compute, where.compute)
-            ops.mm("lora_down", 1, hidden, tokens, width_b, where.compute)  # down's weight gradient
-            if grad_in:
-                ops.mm("lora_up", 1, tokens, width_b, hidden, where.compute)
-        return
     if module.kind not in ("linear", "conv1d", "tied") or not module.fan_in:
         return
     tokens, fan_in, fan_out, rank = module.tokens, module.fan_in, module.fan_out, module.lora_rank

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import flops_methods
-from .flops import ELEMENTWISE, SAVING, _base_name, _modules
+from .flops import ELEMENTWISE, SAVING, _base_name
+from .replay_methods import modules as replay_modules
 from .kernels import FUSED_ACTIVATION, WRITTEN_OUT, attention_ops, module_ops
 
 # The time table's op kinds, in the order it shows them
@@ -95,14 +96,16 @@ def step_ops(result, step, device: str, records) -> list[Op]:
     values = {**result.values, **step.symbols(result.task)}
     values["s"] += flops_methods.prepended_tokens(result)
     dtype = weights_dtype(result, step)
-    where = _Where(result, step, device, family, values, _modules(result, family, values),
+    where = _Where(result, step, device, family, values, replay_modules(result, family, values),
                    DTYPE_BYTES[step.mixed_precision or dtype], DTYPE_BYTES[dtype], bool(step.mixed_precision),
                    next((o.dropout for m, o in result.peft_options if m == "lora"), 0.0),
                    {_base_name(n) for n in result.quant.quantized} if result.quant else set(),
                    flops_methods.prefix_tokens(result))
     ops = _Ops()
-    encoder = flops_methods.encoder_flops(result, values, family)
-    if encoder:  # the prompt encoder: a few small Linears, all trainable (backward twice the forward)
+    # p-tuning's prompt encoder runs before the model: a few small Linears, all trainable (backward twice the
+    # forward). (Prefix tuning's encoder is in the replay's records, row by row.)
+    encoder = flops_methods.encoder_flops(result, values, family, methods=("ptuning",))
+    if encoder:
         ops.name = "prompt encoder"
         ops.append(Op("forward", "matmuls", "prompt encoder", "linear", encoder, 0, 4, 3, (1, 1, 1, encoder // 2)))
         ops.append(Op("backward", "matmuls", "prompt encoder", "linear", 2 * encoder, 0, 4, 6, (1, 1, 1, encoder)))

@@ -13,7 +13,9 @@ from paramcalc.oplist import KINDS, PHASES, step_ops
 from paramcalc.step import Step, resolve_attention
 
 METHODS = [None, "lora:r=2", "lora:r=3,targets=all-linear,dropout=0.1", "ia3", "prompt:tokens=3",
-           "ptuning:tokens=2", "lora:r=2,bias=all", "lora:r=2,dora=true", "lora:r=3,dora=true,dropout=0.1"]
+           "ptuning:tokens=2", "lora:r=2,bias=all", "lora:r=2,dora=true", "lora:r=3,dora=true,dropout=0.1",
+           "adapter:kind=pfeiffer", "adapter:kind=houlsby,bottleneck=3", "prefix:tokens=3",
+           "prefix:tokens=2,projection=true,hidden=6"]
 CASES = [(family, method, checkpointing, precision, attention)
          for family in SMALL for method in METHODS for checkpointing in (False, True)
          for precision in (None, "bf16") for attention in ("eager", "sdpa")]

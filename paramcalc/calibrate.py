@@ -110,6 +110,16 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ParamcalcError(f"calibration failed timing {timer.doing}: {first}; try a smaller --size "
                              "or --quick") from None
+    measured = {"fp32": gemm["classes"]["square"]["rate"]["fp32"][-1], "bandwidth": bandwidth, "gemm": gemm,
+                "elementwise": elementwise, "overhead": overhead, "attention": attention, "optimizers": optimizers,
+                "first_touch": touch}
+    try:
+        from .calibrate_reference import in_step
+
+        reference = in_step(timer, measured, quick)
+    except (RuntimeError, MemoryError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ParamcalcError(f"calibration failed timing {timer.doing}: {first}") from None
     load = _other_load(busy)
     rates = {label: gemm["classes"]["square"]["rate"][label][-1] for label in dtypes}
     half = max(halves, key=rates.get)
@@ -131,7 +141,7 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
             "quick": quick, "repeats": repeats, "load": load, "dtypes": list(dtypes), "how": how,
             "gemm": gemm, "elementwise": elementwise, "overhead": overhead, "optimizer": optimizer,
             "attention": attention, "optimizers": optimizers, "optimizers_missing": optimizers_missing,
-            "first_touch": touch}
+            "first_touch": touch, "in_step": reference}
 
 
 def save_profile(profile: dict) -> Path:

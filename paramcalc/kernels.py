@@ -35,7 +35,8 @@ def module_ops(name, module, record, x, out, ops: _Ops, where: _Where, backward:
             ops.phase = "backward"
             if record.weight_grads:
                 grads = sum(b for _, b in record.weight_grads)
-                ops.ew("embedding_backward", grads + 2 * out.bytes, out.width, "embeddings and loss", written=grads)
+                # calibrated as it runs, into a fresh zero-filled gradient: its first touch is in the rate
+                ops.ew("embedding_backward", grads + 2 * out.bytes, out.width, "embeddings and loss", written=0)
             if module.lora_rank:
                 ops.mm("lora_down", 1, module.tokens, module.fan_out, module.lora_rank, width)
                 ops.mm("lora_down", 1, module.lora_rank, module.tokens, module.fan_out, width)

@@ -70,6 +70,14 @@ class Rates:
             return 0.0
         return nbytes / touch["rate"]
 
+    def in_step(self, phase: str) -> tuple[float, float]:
+        """(kernel scale, seconds per dispatched op) of a phase: as the reference steps measured them
+        (``calibrate_reference``), else (1, the per-op overhead calibrate timed in a loop)."""
+        measured = (self.saved.get("in_step") or {}).get("backward" if phase == "recompute" else phase)
+        if not measured:
+            return 1.0, self.overhead
+        return measured["scale"], measured["per_op"]
+
     def label(self, width: int) -> str:
         return "fp32" if width == 4 else self.half_label
 
@@ -148,14 +156,17 @@ def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
 
 
 def op_seconds(op: Op, rates: Rates) -> tuple[float, str]:
-    """An op's roofline time and what bounds it."""
+    """An op's roofline time and what bounds it: max(compute, memory) + its dispatches' fixed cost, where a
+    reference step was measured (``calibrate_reference``) the kernel part scaled and the per-op cost as seen
+    inside a step."""
     compute = op.flops / rates.gemm(op.kernel, op.flops, op.width) if op.matmul and op.flops else 0.0
     if op.matmul:
         memory = op.bytes / rates.bandwidth
     else:
         memory = op.bytes / rates.stream(op.kernel, op.bytes, op.width) if op.bytes else 0.0
-    overhead = op.dispatches * rates.overhead
     memory += rates.first_touch(op.written)
+    scale, per_op = rates.in_step(op.phase)
+    compute, memory, overhead = compute * scale, memory * scale, op.dispatches * per_op
     bound = max((compute, "compute"), (memory, "memory"), (overhead, "overhead"))[1]
     return max(compute, memory) + overhead, bound
 

@@ -18,6 +18,7 @@ import pytest
 import paramcalc.calibrate
 import paramcalc.calibrate_ops
 import paramcalc.calibrate_step
+import paramcalc.calibrate_reference
 from paramcalc.calibrate import calibrate, save_profile
 
 FORWARD_OPS_ORDER = ["add", "mul", "softmax", "layer_norm", "gelu", "dropout"]
@@ -265,6 +266,8 @@ def test_the_shapes_recorded_are_the_shapes_timed(profiles, monkeypatch):
         spy(aten, op, name, 0)
     # the optimizers' own torch calls (Adafactor's torch.mul) are theirs, not a timed shape: left out here
     monkeypatch.setattr(paramcalc.calibrate_step, "optimizer_steps", lambda timer, plan: ({}, {}))
+    # so are the reference steps' (a real model's forward and backward)
+    monkeypatch.setattr(paramcalc.calibrate_reference, "in_step", lambda timer, profile, quick: {})
     measured = calibrate(quick=True)
 
     expected = set()
@@ -412,3 +415,16 @@ def test_first_touch_finds_where_new_tensors_fault_in(profiles, monkeypatch):
     assert [r["mib"] for r in touch["runs"]] == [1, 64] and all(positive(r["fresh_s"]) for r in touch["runs"])
     if touch["threshold"] is not None:  # another C library may never hand memory back
         assert touch["threshold"] in (1024**2, 64 * 1024**2) and positive(touch["rate"])
+
+
+def test_the_reference_steps_give_each_phase_a_scale_and_a_per_op_cost(profiles):
+    measured = calibrate(size=64, quick=True)["in_step"]
+    assert [(r["batch"], r["seq"]) for r in measured["runs"]] == [(1, 16), (2, 64)]
+    for phase in ("forward", "backward"):
+        assert positive(measured[phase]["scale"]) and measured[phase]["per_op"] >= 0
+        for run in measured["runs"]:  # what was solved reproduces what was measured, or the larger step alone
+            assert positive(run["measured_s"][phase]) and positive(run["kernels_s"][phase])
+        large = measured["runs"][1]
+        fitted = measured[phase]["scale"] * large["kernels_s"][phase] + measured[phase]["per_op"] * large[
+            "dispatches"][phase]
+        assert fitted == pytest.approx(large["measured_s"][phase], rel=1e-6)

@@ -7,7 +7,8 @@ compares the measured peak memory (CPU: allocator events; CUDA: max_memory_alloc
 paramcalc's prediction. Writes ``benchmarks/results/<device>.json`` (every report, whole) and
 ``benchmarks/results/<device>.md`` (the table, with the median and largest error), and prints the table.
 The CPU is calibrated first (into a temporary profile folder, so the user's own profile stays as it is);
-the time model is a lower bound (matmul FLOPs + optimizer traffic), so read tokens/s as context.
+tokens/s are judged by ``benchmarks/throughput_accuracy.py`` (calibrated before every row); read them here as
+context.
 """
 
 from __future__ import annotations

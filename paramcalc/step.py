@@ -72,9 +72,14 @@ def check_fits_model(step: Step, result) -> None:
         limit = result.values[symbol]
         # RoBERTa's positions start after the padding index: 514 rows hold 512 tokens
         usable = limit - 2 if result.family == "roberta" else limit
-        if step.seq > usable:
+        from .flops_methods import prefix_tokens, prepended_tokens
+
+        # soft prompts are prepended to the tokens; a prefix's keys and values take positions before them
+        virtual = prepended_tokens(result) + prefix_tokens(result)
+        if step.seq + virtual > usable:
             key = result.symbols[symbol][0]
-            raise ParamcalcError(f"--seq {step.seq} is longer than {result.model} can read: {key} = {limit} "
+            extra = f" + {virtual} virtual tokens" if virtual else ""
+            raise ParamcalcError(f"--seq {step.seq}{extra} is longer than {result.model} can read: {key} = {limit} "
                                  f"allows at most {usable} tokens")
     if step.tgt_seq is not None and result.family != "t5":
         raise ParamcalcError("--tgt-seq is for encoder-decoder models (T5); this model reads --seq only")

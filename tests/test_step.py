@@ -241,3 +241,12 @@ def test_trace_keeps_the_models_attention_dropout():
     step = Step(batch=2, seq=16, attention="sdpa")
     sdpa, eager = trace_step(result, step), trace_step(result, Step(batch=2, seq=16, attention="eager"))
     assert sdpa.peak == eager.peak > trace_step(no_dropout, step).peak
+
+
+@pytest.mark.parametrize("method", ["prompt:tokens=10", "prefix:tokens=10"])
+def test_virtual_tokens_count_against_learned_positions(method):
+    # GPT-2 reads 1,024 positions: soft prompts sit in front of the tokens, a prefix's keys and values before them
+    result = paramcalc.count("gpt2", task="causal-lm", peft=method, formulas=False)
+    step_flops(result, Step(batch=1, seq=1014))
+    with pytest.raises(paramcalc.ParamcalcError, match="1015 \\+ 10 virtual tokens"):
+        step_flops(result, Step(batch=1, seq=1015))

@@ -129,10 +129,11 @@ def test_adamw_update_transient_is_two_copies_of_the_largest_tensor():
     assert 0 <= traced.at_peak["transient"] - 2 * largest <= 0.02 * 2 * largest
 
 
-def test_analytic_step_path_imports_no_torch():
+def test_analytic_step_path_imports_no_torch():  # count, memory, FLOPs and the time table
     probe = ("import sys, paramcalc; from paramcalc.step import Step; from paramcalc.flops import step_flops; "
              "from paramcalc.memory import model_states; r = paramcalc.count('gpt2', task='causal-lm'); "
              "s = Step(batch=4, seq=256, mixed_precision='bf16'); step_flops(r, s); model_states(r, s); "
+             "from paramcalc.plan import plan; assert plan(r, s, device='a100-80gb').throughput['table']; "
              "print(any(m in sys.modules for m in ('torch', 'transformers', 'peft')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -156,19 +156,20 @@ def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
 
 
 def op_seconds(op: Op, rates: Rates) -> tuple[float, str]:
-    """An op's roofline time and what bounds it: max(compute, memory) + its dispatches' fixed cost, where a
-    reference step was measured (``calibrate_reference``) the kernel part scaled and the per-op cost as seen
-    inside a step."""
+    """An op's roofline time and what bounds it: max(compute, memory) + the first touch of a large new tensor
+    + its dispatches' fixed cost; where reference steps were measured (``calibrate_reference``), the kernel part
+    scaled and the per-op cost as seen inside a step."""
     compute = op.flops / rates.gemm(op.kernel, op.flops, op.width) if op.matmul and op.flops else 0.0
     if op.matmul:
         memory = op.bytes / rates.bandwidth
     else:
         memory = op.bytes / rates.stream(op.kernel, op.bytes, op.width) if op.bytes else 0.0
-    memory += rates.first_touch(op.written)
     scale, per_op = rates.in_step(op.phase)
+    # a new tensor's pages fault in before the kernel can write them: that time adds to the kernel's
+    faults = rates.first_touch(op.written)
     compute, memory, overhead = compute * scale, memory * scale, op.dispatches * per_op
-    bound = max((compute, "compute"), (memory, "memory"), (overhead, "overhead"))[1]
-    return max(compute, memory) + overhead, bound
+    bound = max((compute, "compute"), (memory + faults, "memory"), (overhead, "overhead"))[1]
+    return max(compute, memory) + faults + overhead, bound
 
 
 def step_time(ops: list[Op], rates: Rates, step, optimizer_work: tuple[int, int], gradient_bytes: int,

@@ -21,11 +21,13 @@ and this machine) and ``throughput_cpu.md`` (the table). Read the errors as this
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import paramcalc
@@ -79,7 +81,8 @@ def run_row(case: dict, use_saved: bool) -> dict:
     if not use_saved:
         profile = calibrate()
         save_profile(profile)
-        calibrated = {k: profile.get(k) for k in ("fp32", "bandwidth", "load", "threads", "when")}
+        calibrated = {k: profile.get(k) for k in ("fp32", "bandwidth", "load", "threads", "when", "first_touch",
+                                                   "in_step", "optimizers")}
     result = paramcalc.count(case["model"], task=case["task"], overrides=case["overrides"], peft=case["method"],
                              formulas=False)
     started = time.perf_counter()
@@ -170,8 +173,9 @@ def main(argv: list[str]) -> None:
     for case in rows(quick, only):
         document = done.get(case["name"])
         if document is None:
-            try:
-                document = run_row(case, use_saved)
+            try:  # each row in a fresh process, as a user calibrates and then trains: nothing carries over
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    document = pool.submit(run_row, case, use_saved).result()
             except Exception as exc:  # noqa: BLE001 - one row's failure is that row's result
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
                 print(f"{case['name']}: failed: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)

@@ -148,15 +148,7 @@ def check_prefix(result, family, step) -> None:
         raise ParamcalcError(f"prefix tuning on {result.hf_class}: peft's classification models look for a "
                              "past_key_values argument in the model's forward, which transformers 5.24 no longer has "
                              "('Model does not support past key values')")
-    refused(result, family, step)
-    from .step import POSITIONS_KEY
-
-    limit = result.values.get(POSITIONS_KEY.get(result.family, ""))
-    if limit and step.seq + options(result, "prefix").tokens > limit:  # positions are numbered after the prefix
-        raise ParamcalcError(f"prefix tuning: {result.model} numbers its positions after the "
-                             f"{options(result, 'prefix').tokens} prefix tokens, so --seq {step.seq} needs "
-                             f"{step.seq + options(result, 'prefix').tokens} of its {limit} positions; use --seq "
-                             f"{limit - options(result, 'prefix').tokens} or less")
+    refused(result, family, step)  # (positions the prefix takes: step.check_fits_model)
 
 
 def cache_prefix(prefix: Value, record: Record, ledger, ctx) -> dict[int, tuple[Value, Value]]:

@@ -80,7 +80,7 @@ def check_fits_model(step: Step, result) -> None:
             key = result.symbols[symbol][0]
             extra = f" + {virtual} virtual tokens" if virtual else ""
             raise ParamcalcError(f"--seq {step.seq}{extra} is longer than {result.model} can read: {key} = {limit} "
-                                 f"allows at most {usable} tokens")
+                                 f"allows at most {usable} tokens; use --seq {usable - virtual} or less")
     if step.tgt_seq is not None and result.family != "t5":
         raise ParamcalcError("--tgt-seq is for encoder-decoder models (T5); this model reads --seq only")
 

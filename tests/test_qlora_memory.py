@@ -145,8 +145,10 @@ def test_trace_runs_the_quantized_model_on_fake_tensors(model, spec, autocast):
     # all that stays alive but the gradients: bitsandbytes recasts some biases in forward (to the compute dtype;
     # int8: to each input's dtype), new storages the tracer files under the forward's (GPT-2 keeps 512 B more)
     assert abs(sum(report.after_step.values()) - report.after_step["gradients"] - before) <= 512
-    # the fake step allocates what the real one does, the dequantized 4-bit weights included
-    assert abs(report.peak - real) / real < 0.002, (report.peak, real)
+    # the fake step allocates what the real one does, the dequantized 4-bit weights included (within 0.6 %: the
+    # real step's oneDNN bf16 matmul scratch, ~8 KB, is allocated or not depending on which earlier step in the
+    # same process already cached that kernel: the suite's order moved GPT-2's by 8,368 B)
+    assert abs(report.peak - real) / real < 0.006, (report.peak, real)
     assert any("quantized by bitsandbytes" in note for note in report.notes)
 
 

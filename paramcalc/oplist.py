@@ -21,6 +21,7 @@ from . import flops_methods
 from .flops import ELEMENTWISE, SAVING, _base_name
 from .replay_methods import modules as replay_modules
 from .kernels import FUSED_ACTIVATION, WRITTEN_OUT, attention_ops, module_ops
+from .ops import activation_name
 
 # The time table's op kinds, in the order it shows them
 KINDS = ("matmuls", "attention core", "elementwise", "embeddings and loss", "optimizer", "all-reduce")
@@ -222,12 +223,7 @@ def _elementwise(name, kind, record, x, out, ops: _Ops, where: _Where, backward:
             ops.ew("mul", 3 * x.bytes, x.width)
         return
     if kind == "act":
-        key = name.split()[1]
-        act = where.result.config.get(key, key)
-        if key == "feed_forward_proj":
-            from .ops import T5_ACTIVATION
-
-            act = T5_ACTIVATION.get(act, act)
+        act = activation_name(name.split()[1], where.result.config)
         if act in WRITTEN_OUT:
             forward, back, calls, back_calls = WRITTEN_OUT[act]
             ops.ew("mul", forward * x.bytes, x.width, dispatches=calls)

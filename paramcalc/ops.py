@@ -42,9 +42,15 @@ def dropout(x: Value, p: float, ledger: Ledger, ctx, save) -> Value:
     return Value(ledger.new(x.bytes, "activations"), x.elements, x.width, x.grad)
 
 
+def activation_name(key: str, config: dict) -> str:
+    """The activation a flow's ``act KEY`` runs: the config value of KEY (T5's feed_forward_proj as
+    transformers turns it into an activation), or KEY itself when the config has no such key."""
+    name = config.get(key, key)
+    return T5_ACTIVATION.get(name, name) if key == "feed_forward_proj" else name
+
+
 def activation(key: str, x: Value, ledger: Ledger, ctx, new, save, record: Record) -> Value:
-    name = ctx.config.get(key, key)
-    name = T5_ACTIVATION.get(name, name) if key == "feed_forward_proj" else name
+    name = activation_name(key, ctx.config)
     record.scratch = ACTIVATION_BACKWARD_SCRATCH.get(name, 0) * x.bytes
     saves = ACTIVATION_SAVES.get(name, ("input",))
     if name in ACTIVATION_FORWARD_SCRATCH:

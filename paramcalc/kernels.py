@@ -7,7 +7,12 @@ Torch-free: the analytic path.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import attention, flops_methods
+
+if TYPE_CHECKING:  # the builder and the step's description, from the module that calls these
+    from .oplist import _Ops, _Where
 
 # Activations, as (forward, backward) tensor passes and dispatched ops, for those written out in Python (one
 # pass reads or writes one input-sized tensor). GPT-2's tanh GELU is eight ops forward (pow, mul, add, mul,

@@ -268,11 +268,19 @@ def list_command(as_json):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="paramcalc catalog (base model, as AutoModel builds it)", title_justify="left")
-    for column in ("name", "hub id", "family", "parameters"):
-        table.add_column(column, justify="right" if column == "parameters" else "left")
-    for row in rows:
-        table.add_row(row["name"], row["hub_id"], row["family"], f"{row['params']:,}")
+    from rich import box
+
+    # one section per family instead of a column, no side borders: an 80-column terminal shows the longest
+    # names, hub ids and 11-digit counts unbroken
+    table = Table(title="paramcalc catalog (base model, as AutoModel builds it)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("name", "hub id", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left", no_wrap=True)
+    for family in dict.fromkeys(row["family"] for row in rows):
+        table.add_row(f"[bold]{family}[/bold]", "", "")
+        members = [row for row in rows if row["family"] == family]
+        for i, row in enumerate(members):
+            table.add_row(f"  {row['name']}", row["hub_id"], f"{row['params']:,}", end_section=i == len(members) - 1)
     Console().print(table)
 
 

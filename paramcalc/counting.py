@@ -56,6 +56,16 @@ class CountResult:
     def trainable_params(self) -> int:
         return sum(c.count for c in self.components if c.trainable)
 
+    @property
+    def active_params(self) -> int | None:
+        """Parameters one token runs through: with a mixture of experts (Mixtral), its router's top K of E
+        experts' weights and everything else; None for a dense model."""
+        experts = sum(c.count for c in self.components if c.kind == "experts")
+        if not experts:
+            return None
+        values = self.values
+        return self.total_params - experts * (values["E"] - values["K"]) // values["E"]
+
     def group_totals(self, trainable: bool = False) -> dict[str, int]:
         """Parameters per group (``embedding``, ``attention``, ``ffn``...), in the order the rows first use them.
 
@@ -104,6 +114,7 @@ class CountResult:
             "class": self.hf_class,
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
+            **({"active_params": self.active_params} if self.active_params is not None else {}),
             "closed_form": self.closed_form,
             "symbols": {s: {"key": k, "value": v, "doc": d} for s, (k, v, d) in self.symbols.items()},
             "components": [
@@ -128,6 +139,10 @@ class CountResult:
 
     def all_notes(self) -> list[str]:
         notes = self.notes + [n for p in self.peft for n in p.notes]
+        if self.active_params is not None:
+            values = self.values
+            notes.append(f"a token runs {values['K']} of {values['E']} experts per layer: {self.active_params:,} "
+                         f"active parameters of {self.total_params:,} (all of them are held in memory)")
         return notes + ([self.quant.explanation(self.total_params)] if self.quant else [])
 
     def to_json(self) -> str:

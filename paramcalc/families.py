@@ -60,6 +60,9 @@ class Family:
     optional: frozenset[str]  # symbols whose key may be null (modules then use `when`)
     symbol_docs: dict[str, str]
     defaults: dict
+    # [fixed]: switches this model type does not read, at the value its code behaves as (Mistral has no
+    # attention_bias: its projections never have biases, whatever a config says)
+    fixed: dict
     derived_defaults: dict[str, str]  # key -> expression over other keys' symbols
     key_aliases: dict[str, str]  # legacy key -> canonical key
     divisible: tuple[tuple[str, str], ...]
@@ -178,12 +181,7 @@ def family_for(model_type: str | None) -> Family | None:
 
 
 def _parse(path: Path) -> Family:
-    text = path.read_bytes()
-    raw = tomllib.loads(text.decode())
-    if "extends" in raw:  # e.g. RoBERTa reuses BERT's encoder and swaps its heads
-        parent_text = path.with_name(f"{raw['extends']}.toml").read_bytes()
-        text += parent_text
-        raw = _inherit(tomllib.loads(parent_text.decode()), raw)
+    raw, text = _read(path)
     symbols = {s: v["key"] for s, v in raw["symbols"].items()}
     modules = []
     for m in raw["modules"]:
@@ -206,7 +204,7 @@ def _parse(path: Path) -> Family:
         reference=raw.get("reference", ""), symbols=symbols,
         symbol_docs={s: v.get("doc", "") for s, v in raw["symbols"].items()},
         optional=frozenset(s for s, v in raw["symbols"].items() if v.get("optional")),
-        defaults=raw.get("defaults", {}), derived_defaults=raw.get("derived_defaults", {}),
+        defaults=raw.get("defaults", {}), fixed=raw.get("fixed", {}), derived_defaults=raw.get("derived_defaults", {}),
         key_aliases=raw.get("key_aliases", {}),
         divisible=tuple((d["value"], d["by"]) for d in raw.get("divisible", [])),
         unsupported=raw.get("unsupported", {}), tasks=tasks, modules=tuple(modules), peft=raw.get("peft", {}),
@@ -217,6 +215,17 @@ def _parse(path: Path) -> Family:
         flow=raw.get("flow", {}),
         digest=hashlib.sha256(text).hexdigest()[:16],
     )
+
+
+def _read(path: Path) -> tuple[dict, bytes]:
+    """A family file's table with what it extends merged in (RoBERTa reuses BERT's encoder and swaps its heads;
+    Mixtral extends Mistral, which extends Llama), and the text of every file it was made from."""
+    text = path.read_bytes()
+    raw = tomllib.loads(text.decode())
+    if "extends" in raw:
+        parent, parent_text = _read(path.with_name(f"{raw['extends']}.toml"))
+        raw, text = _inherit(parent, raw), text + parent_text
+    return raw, text
 
 
 def _keep_fp32(path: Path, table: dict) -> dict:
@@ -230,12 +239,30 @@ def _keep_fp32(path: Path, table: dict) -> dict:
 
 def _inherit(parent: dict, child: dict) -> dict:
     """Child keys win; tables merge key by key; lists (buffers, attention cores, adapter sites) are the
-    child's when it gives them; modules of the parts the child drops are replaced by the child's."""
+    child's when it gives them. Modules: the parent's, less those of the parts the child drops (``drop_parts``)
+    and those it names in ``drop_modules``; a child module with a parent module's name takes its place (Qwen2
+    swaps Llama's Q/K/V for biased ones), any other is added."""
     merged = {**parent, **child}
-    for table in ("symbols", "defaults", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens", "flow"):
+    for table in ("symbols", "defaults", "fixed", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens", "flow"):
         merged[table] = {**parent.get(table, {}), **child.get(table, {})}
-    dropped = set(child.get("drop_parts", []))
-    merged["modules"] = [m for m in parent["modules"] if m["part"] not in dropped] + child.get("modules", [])
+    dropped, gone = set(child.get("drop_parts", [])), set(child.get("drop_modules", []))
+    swaps: dict[str, list] = {}  # name -> the child's modules of that name (one per condition)
+    for m in child.get("modules", []):
+        swaps.setdefault(m["name"], []).append(m)
+    modules, placed = [], set()
+    for m in parent["modules"]:
+        if m["part"] in dropped or m["name"] in gone:
+            continue
+        if m["name"] not in swaps:
+            modules.append(m)
+        elif m["name"] not in placed:  # the child's modules of that name, where the parent's first one was
+            modules.extend(swaps[m["name"]])
+            placed.add(m["name"])
+    for m in child.get("modules", []):  # a new module goes after the last of its part (Mixtral's experts)
+        if m["name"] not in placed:
+            last = max((i for i, kept in enumerate(modules) if kept["part"] == m["part"]), default=len(modules) - 1)
+            modules.insert(last + 1, m)
+    merged["modules"] = modules
     return merged
 
 
@@ -256,6 +283,7 @@ def normalise_config(family: Family, config: dict) -> dict:
     for key, value in family.defaults.items():
         if config.get(key) is None:
             config[key] = value
+    config.update(family.fixed)
     for key, expected in family.condition_types().items():
         value = config.get(key)
         if value is not None and key not in family.symbols.values() and type(value) is not expected:

@@ -77,6 +77,20 @@ def vector(size: str, name: str = "bias") -> ParamShapes:
     return {name: (size,)}
 
 
+@primitive("router")
+def router(num_experts: str, hidden_size: str) -> ParamShapes:
+    # A mixture-of-experts router (Mixtral's MixtralTopKRouter): one score per expert, no bias;  W: [E, hidden]
+    return {"weight": (num_experts, hidden_size)}
+
+
+@primitive("experts")
+def experts(num_experts: str, hidden_size: str, intermediate_size: str) -> ParamShapes:
+    # A mixture of SwiGLU experts stored fused, as transformers 5 builds them (MixtralExperts): every expert's
+    # gate and up projections in one 3-D tensor, its down projections in another
+    return {"gate_up_proj": (num_experts, f"2*{intermediate_size}", hidden_size),
+            "down_proj": (num_experts, hidden_size, intermediate_size)}
+
+
 @primitive("tied")
 def tied(**_ignored) -> ParamShapes:
     # Shares its weight with another module: adds no parameters of its own

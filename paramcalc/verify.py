@@ -63,8 +63,9 @@ def verify(result: CountResult, model=None) -> Verification:
             freeze_quantized(model, result.quant.options)
     if result.peft_options:
         model = apply_real_peft(model, result)
-    actual = {peft_free_name(name): p for name, p in model.named_parameters()}
-    aliases = {peft_free_name(name): p for name, p in model.named_parameters(remove_duplicate=False)}
+    wrapper = _peft_wrapper(model)
+    actual = {peft_free_name(name, wrapper): p for name, p in model.named_parameters()}
+    aliases = {peft_free_name(name, wrapper): p for name, p in model.named_parameters(remove_duplicate=False)}
     meta_total = sum(p.numel() for p in model.parameters())
     if result.generic:  # counted from the model itself: nothing independent to compare
         checks = [ComponentCheck(c.name, c.count, c.count) for c in result.components]
@@ -122,17 +123,28 @@ def apply_real_peft(model, result):
     return model
 
 
-def peft_free_name(name: str) -> str:
+def _peft_wrapper(model) -> str:
+    """What peft puts in front of the task model's parameter names: ``base_model.model.`` where a tuner (LoRA,
+    IA3, ...) wraps it, ``base_model.`` where prompt learning holds it directly (a Llama's own ``model.`` prefix
+    then follows: ``base_model.model.embed_tokens`` is the task model's ``model.embed_tokens``), nothing without
+    peft."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model or not type(model).__module__.startswith("peft."):
+        return ""
+    return "base_model.model." if type(base).__module__.startswith("peft.") else "base_model."
+
+
+def peft_free_name(name: str, wrapper: str = "base_model.model.") -> str:
     """A peft-wrapped parameter's name as paramcalc's rows spell it.
 
-    ``base_model.model.x.query.base_layer.weight`` -> ``x.query.weight``;
+    ``base_model.model.x.query.base_layer.weight`` -> ``x.query.weight`` (``wrapper``: see ``_peft_wrapper``);
     ``classifier.original_module.weight`` -> ``classifier.weight`` (the frozen original of a saved module).
     """
-    for prefix in ("base_model.model.", "base_model."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+    if wrapper and name.startswith(wrapper):
+        name = name[len(wrapper):]
+    while ".base_layer." in name:  # peft nests one wrapper per adapted parameter of a module (fused experts)
+        name = name.replace(".base_layer.", ".")
+    return name.replace(".original_module.", ".")
 
 
 def _check_tied(component, by_name, values, aliases, check) -> None:

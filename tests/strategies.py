@@ -54,10 +54,38 @@ def t5_configs(draw):
     }
 
 
+@st.composite
+def llama_like(draw, model_type):
+    """Grouped-query decoders: KV heads divide the query heads; head_dim given or H/A; odd sizes; tied or not;
+    Llama's bias switches (ignored by Mistral, Qwen2 and Mixtral, as their code ignores them)."""
+    kv, groups = draw(small), draw(small)
+    rotary = st.sampled_from([1, 2, 3, 4, 6, 8])  # transformers refuses a rotary head of odd width above 4
+    heads, head_dim = kv * groups, draw(rotary)
+    config = {
+        "model_type": model_type, "vocab_size": draw(sizes), "hidden_size": draw(rotary) * heads,
+        "num_attention_heads": heads, "num_key_value_heads": kv,
+        "num_hidden_layers": draw(small), "intermediate_size": draw(sizes), "max_position_embeddings": 64,
+        "tie_word_embeddings": draw(st.booleans()), "attention_bias": draw(st.booleans()),
+        "mlp_bias": draw(st.booleans()),
+    }
+    if draw(st.booleans()):
+        config["head_dim"] = head_dim
+    if model_type == "llama" and groups == 1 and draw(st.booleans()):  # LlamaConfig: null K/V heads = A
+        config["num_key_value_heads"] = None
+    if model_type == "mixtral":
+        experts = draw(st.integers(1, 5))
+        config |= {"num_local_experts": experts, "num_experts_per_tok": draw(st.integers(1, experts))}
+    return config
+
+
 STRATEGIES = {
     "bert": bert_like("bert"),
     "roberta": bert_like("roberta"),
     "gpt2": gpt2_configs(),
     "bloom": bloom_configs(),
     "t5": t5_configs(),
+    "llama": llama_like("llama"),
+    "mistral": llama_like("mistral"),
+    "qwen2": llama_like("qwen2"),
+    "mixtral": llama_like("mixtral"),
 }

@@ -34,6 +34,10 @@ def test_seq_cls_trains_a_copy_of_the_head(matches_peft):
     matches_peft(result)
 
 
+TINY_MIXTRAL = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "vocab_size": 1000}
+
 CASES = [
     ("bert-base-uncased", "masked-lm", "r=4,targets=query,key,value,dense,bias=all"),
     ("bert-base-uncased", "masked-lm", "r=16,targets=all-linear,bias=lora_only"),
@@ -50,6 +54,13 @@ CASES = [
     ("bloom-560m", "causal-lm", "r=8"),
     ("bloom-560m", "token-cls", "r=8,bias=lora_only,dora=true"),
     ("bloom-560m", "seq-cls", "r=64,targets=query_key_value,dense_h_to_4h,dense_4h_to_h"),
+    ("llama-2-7b", "causal-lm", "r=8"),
+    ("llama-3-8b", "causal-lm", "r=16,targets=all-linear"),
+    ("tinyllama-1.1b", "seq-cls", "r=8,targets=all-linear,dora=true"),
+    ("mistral-7b", "causal-lm", "r=8,targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+    ("qwen2-0.5b", "causal-lm", "r=8,bias=all"),
+    ("qwen2-7b", "seq-cls", "r=4,targets=all-linear,bias=lora_only"),
+    ("mixtral-8x7b", "causal-lm", "r=8,targets=q_proj,k_proj,v_proj,o_proj"),
 ]
 
 
@@ -113,8 +124,13 @@ def test_random_lora_matches_peft(family, data, r, bias, dora, matches_peft):
     task = data.draw(tasks(family), label="task")
     names = {"bert": ["query", "key", "value", "dense", "word_embeddings"], "gpt2": ["c_attn", "c_proj", "c_fc", "wte"],
              "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-             "t5": ["q", "k", "v", "o", "wo", "shared"]}[{"roberta": "bert"}.get(family, family)]
-    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True) | st.just(["all-linear"]))
+             "t5": ["q", "k", "v", "o", "wo", "shared"],
+             "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
+             "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"],
+             }[{"roberta": "bert", "mistral": "llama", "qwen2": "llama"}.get(family, family)]
+    # Mixtral's all-linear reaches its fused experts (peft's target_parameters): refused, see test below
+    every_linear = st.nothing() if family == "mixtral" else st.just(["all-linear"])
+    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True) | every_linear)
     spec = f"r={r},bias={bias},dora={dora},targets={','.join(targets)}"
     try:
         result = paramcalc.count(config, task=task, peft=f"lora:{spec}", formulas=False)
@@ -136,3 +152,22 @@ def assert_peft_refuses(model, task, spec):
     config = lora.to_peft_config(parse("lora", spec), PEFT_TASK_TYPES.get(task))
     with pytest.raises(Exception):
         peft.get_peft_model(meta_model, config)
+
+
+@pytest.mark.parametrize("spec", ["r=8", "r=8,targets=all-linear", "r=8,targets=experts"])
+def test_mixtral_lora_refuses_what_it_does_not_model_in_one_line(spec):
+    """peft cannot apply its default targets to Mixtral in transformers 5, and reaches the fused experts
+    through target_parameters with all-linear: refused with the reason, never a wrong count."""
+    with pytest.raises(paramcalc.ParamcalcError, match="Mixtral"):
+        paramcalc.count("mixtral-8x7b", task="causal-lm", peft=f"lora:{spec}")
+
+
+def test_peft_itself_refuses_its_default_lora_targets_on_mixtral():
+    import peft
+
+    from paramcalc.meta import build_meta_model
+
+    base = paramcalc.count(TINY_MIXTRAL, task="causal-lm", formulas=False)
+    model = build_meta_model(base.config, class_name=base.hf_class)
+    with pytest.raises(Exception, match="target_modules"):
+        peft.get_peft_model(model, peft.LoraConfig(r=8, task_type="CAUSAL_LM"))

@@ -51,7 +51,8 @@ def test_sympy_formulas_evaluate_to_the_counts(family):
     from paramcalc.symbolic import sympy_symbols
 
     model = {"bert": "bert-base-uncased", "roberta": "roberta-base", "gpt2": "gpt2", "bloom": "bloom-560m",
-             "t5": "t5-v1_1-small"}[family]
+             "t5": "t5-v1_1-small", "llama": "tinyllama-1.1b", "mistral": "mistral-7b", "qwen2": "qwen2-0.5b",
+             "mixtral": "mixtral-8x7b"}[family]
     for task in families.families()[family].tasks:
         result = paramcalc.count(model, task=task)
         symbols = sympy_symbols(result.symbols)

@@ -13,3 +13,12 @@ TINY = {
     "t5": ({"model_type": "t5", "num_layers": 2, "d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 128,
             "vocab_size": 300}, "seq2seq-lm"),
 }
+
+# The grouped-query decoders (2 K/V heads for 4 query heads), traced on fake tensors for memory until their family
+# files describe the step's flow
+TINY_GQA = {
+    family: ({"model_type": family, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300, "max_position_embeddings": 64,
+              **({"num_local_experts": 4, "num_experts_per_tok": 2} if family == "mixtral" else {})}, "causal-lm")
+    for family in ("llama", "mistral", "qwen2", "mixtral")
+}

@@ -69,6 +69,9 @@ def apply(result, options: Options) -> PeftSummary:
     result.add_symbol("b", "adapter bottleneck", width, "bottleneck width")
     kinds = set(KINDS[options.kind]) | ({"cross"} if options.cross else set())
     sites = [s for s in family.adapter_sites if s["kind"] in kinds and s["part"] in task.parts]
+    if not family.adapter_sites:
+        raise ParamcalcError(f"--adapter: the {family.title} family file does not describe where AdapterHub puts "
+                             "bottleneck adapters yet; use --lora, --ia3 or a prompt method")
     if options.cross and not any(s["kind"] == "cross" for s in sites):
         raise ParamcalcError(f"--adapter: cross=true needs cross-attention, which {family.title} "
                              f"({result.task}) does not have")

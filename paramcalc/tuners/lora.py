@@ -47,6 +47,11 @@ class Options:
 
 def apply(result, options: Options) -> PeftSummary:
     family = require_family(result, "--lora")
+    # what peft itself cannot do with this family, or does in a way not modelled yet (family file, [peft])
+    refusal = family.peft.get("lora_all_linear_refused" if options.all_linear else
+                              "lora_default_refused" if not options.targets else "")
+    if refusal:
+        raise ParamcalcError(f"--lora: {refusal}")
     targets = options.targets or family.peft.get("lora_targets")
     if not targets:
         raise ParamcalcError(f"--lora: peft has no default targets for {family.title}; give targets=...")
@@ -63,6 +68,10 @@ def apply(result, options: Options) -> PeftSummary:
                 f"--lora: peft cannot adapt {clash[0]} for {result.task}: its task type also trains that module "
                 "in full (modules_to_save) and peft raises a TypeError; leave it out of targets")
         if keys:
+            if component.kind in ("router", "experts"):
+                raise ParamcalcError(
+                    f"--lora: peft adapts {family.title}'s {component.kind} through target_parameters (3-D "
+                    "weights), which paramcalc does not model yet; target the attention projections")
             if component.kind not in ("linear", "conv1d", "embedding"):
                 raise ParamcalcError(
                     f"--lora: target {component.param.rsplit('.', 1)[-1]!r} is a {component.kind} module, which "

@@ -210,7 +210,7 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
     notes = [attention_note(step, result)]
     step = resolve_attention(step, result)
     notes += filter(None, [runs_note(step, result, chosen.kind)])
-    if result.generic:
+    if result.generic or not replayable(result):
         states, at_peak, phases, flops, why = _traced(result, step, chosen)
         notes.append(why)
         if step.grad_accum > 1:
@@ -278,8 +278,16 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
     return states, timeline.at_peak, (timeline.phase_of_peak, dict(timeline.phase_peaks)), flops, timeline.records
 
 
+def replayable(result) -> bool:
+    """Whether the memory replay can walk the model: its family file describes the step's data flow."""
+    from .families import families
+
+    return not result.generic and bool(families()[result.family].flow)
+
+
 def _traced(result, step: Step, chosen: Profile):
-    """A model without a family file: one steady step traced on fake tensors gives every term."""
+    """A model without a family file, or one whose file has no [flow] yet: one steady step traced on fake tensors
+    gives every term."""
     from .memory import ModelStates
     from .trace import trace_step
 
@@ -289,7 +297,8 @@ def _traced(result, step: Step, chosen: Profile):
     at_peak = {ours: report.at_peak[theirs] for ours, theirs in names.items()}
     after = report.after_step
     states = ModelStates(after["parameters"], after["gradients"], after["optimizer"], 0)
-    why = (f"no family file: memory and FLOPs are those of one training step of {report.model_class} traced on "
+    what = "no family file" if result.generic else f"no replay flow in the {result.family} family file yet"
+    why = (f"{what}: memory and FLOPs are those of one training step of {report.model_class} traced on "
            "fake tensors ('paramcalc trace'), with this CPU's kernels")
     if chosen.kind == "cuda":
         why += "; on a GPU dropout keeps 1-byte masks and sdpa runs fused, so expect less activation memory"

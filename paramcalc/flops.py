@@ -87,6 +87,9 @@ def step_flops(result, step: Step, device: str = "cpu") -> Flops:
     check_fits_model(step, result)
     step = resolve_attention(step, result)
     family = families()[result.family]
+    if not family.flow:
+        raise ParamcalcError(f"the {family.title} family file does not describe the step's flow yet: its FLOPs are "
+                             "the traced step's (paramcalc trace)")
     if "prefix" in methods:
         flops_methods.check_prefix(result, family, step)
     values = {**result.values, **step.symbols(result.task)}

@@ -153,6 +153,13 @@ class CpuMeter:
                         for start, end in ranges.get(phase, []) if step_start <= start <= step_end)
         return StepTimeline(points, [(phase, start, end) for start, end, phase in phases], step_end - step_start)
 
+    def marks(self) -> dict[str, list[int]]:
+        """When each mark (``mark(name)``) was made, in ns since the measured step started (``timeline()``'s
+        clock), for every time it was made."""
+        _, ranges, (step_start, _) = self._read()
+        return {name: [start - step_start for start, _ in spans] for name, spans in ranges.items()
+                if name not in PHASES and name != "step"}
+
 
 @dataclass
 class StepTimeline:

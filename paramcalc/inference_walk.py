@@ -1,0 +1,341 @@
+"""One step of ``generate()``, op by op: the prompt's forward (prefill) or one new token's (decode), over the family
+file's ``[flow]``, with the key/value cache it fills and the greedy pick that follows.
+
+Inference keeps nothing for backward (``generate`` runs under ``torch.no_grad``, the model in eval mode: dropout
+returns its input), so a value lives from the op that makes it to its last read, or until the Python function
+that holds it returns (the flow's ``"|"`` and ``keep`` marks), as in the training replay (``paramcalc.walk``, whose
+stream bookkeeping this reuses). What each op allocates, measured with torch 2.13 on a CPU (allocator events,
+transformers 5.24):
+
+- a Linear / Conv1D its output; a LayerNorm its output and a mean and a reciprocal deviation per token (fp32,
+  freed as it returns); an embedding lookup ``b x q`` rows (generate passes ``position_ids`` per sequence);
+- GPT-2's tanh GELU (``gelu_new``, written out in Python) three input-sized temporaries at its widest, BLOOM's
+  ``bloom_gelu`` four (``ops.ACTIVATION_FORWARD_SCRATCH``);
+- the cache: ``DynamicLayer.update`` concatenates the new keys (then values) onto the cached ones, so each is a
+  new contiguous tensor, and the old one is freed only once the new one exists;
+- sdpa (no dropout in eval: the fused kernel) its output and a log-sum-exp per row; eager attention the
+  ``b x heads x q x k`` scores, the mask added to them, the softmax (fp32 where the family asks) and its cast
+  back, all alive until the attention returns where the family says so (``scores_held``);
+- the LM head only the last position (generate passes ``logits_to_keep=1``).
+
+Then the greedy pick (``GenerationMixin._sample``): the last logits copied to fp32, the logits processors that
+``min_new_tokens`` adds (``MinLengthLogitsProcessor`` and ``MinNewTokensLengthLogitsProcessor``: each clones the
+``b x V`` scores, builds a ``V`` int64 range and its eos mask and a masked copy), argmax, and the attention mask
+and token ids grown by one (``torch.cat``: a new tensor each).
+
+Torch-free: the analytic path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import expr, masks
+from .flops import _base_name, _layers, _modules
+from .ledger import CATEGORIES, Ledger, Value
+from .memory import DTYPE_BYTES
+from .ops import ACTIVATION_FORWARD_SCRATCH, activation_name
+from .walk import SCOPE_END, forget, io, last_reads, let_go, reads, release
+
+INT64 = 8  # token ids, attention masks, positions: int64
+# Input-sized temporaries an activation written out in Python holds at its widest in a forward without autograd,
+# beyond its input (the output takes the place of the last): GPT-2's NewGELUActivation computes 0.5 * x, then
+# x ** 3 and 0.044715 * x ** 3 while 0.5 * x is alive; BLOOM's as in training (ops.ACTIVATION_FORWARD_SCRATCH).
+FORWARD_SCRATCH = {"gelu_new": 3, **ACTIVATION_FORWARD_SCRATCH}
+PROCESSORS = 2  # what min_new_tokens turns on: MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward of generate: ``tokens`` new positions over ``past`` cached ones."""
+
+    batch: int
+    tokens: int  # q: the prompt (prefill) or 1 (decode)
+    past: int  # positions already in the cache
+    width: int  # bytes per activation element (the dtype the model was loaded in)
+    kv_width: int  # bytes per cached key or value element
+    attention: str  # eager | sdpa | flash (resolved)
+    vocab: int
+    prompt: int  # the prompt's length (the caller's input_ids)
+    processors: int = PROCESSORS
+    device: str = "cpu"  # cpu | cuda: softmax(..., dtype=float32) copies a half input to fp32 first on a CPU
+
+    @property
+    def keys(self) -> int:
+        return self.past + self.tokens
+
+
+class InferenceLedger(Ledger):
+    """The replay's ledger with two more categories: the key/value cache and the token ids / masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.totals.update(kv_cache=0, inputs=0)
+
+
+def cached_cores(result, family) -> list[tuple[int, dict]]:
+    """(index, core) of each attention core of the task's parts whose keys and values the cache keeps."""
+    parts = family.tasks[result.task].parts
+    return [(i, core) for i, core in enumerate(family.attention) if core["part"] in parts and core.get("kv_cache")]
+
+
+def kv_heads(core: dict, values: dict) -> int:
+    """The key/value heads of a core: ``kv_heads`` (grouped-query attention) or, absent, its query heads."""
+    return expr.evaluate(core.get("kv_heads", core["heads"]), values)
+
+
+def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:
+    """Replay one generate step (prefill when ``p.past == 0``, else one decode step) and return its ledger: its
+    timeline's peak and what was alive then, by category."""
+    ledger = InferenceLedger()
+    ledger.new(weights, "weights")
+    b, q, keys = p.batch, p.tokens, p.keys
+    ledger.new(b * p.prompt * INT64, "inputs")  # the caller's input_ids
+    mask = ledger.new(b * keys * INT64, "inputs")  # generate's attention mask (its own: ones, grown each step)
+    ids = ledger.new(b * keys * INT64, "inputs") if p.past else None  # generate's input_ids, grown by torch.cat
+    previous = [ledger.new(b * p.vocab * 4, "activations") for _ in range(2)] if p.past else []  # last pick's scores
+    values = {**result.values, "b": b, "s": q}
+    cache: dict[tuple[int, int], list[int]] = {}  # (core, layer) -> its keys' and values' allocations
+    for index, core in cached_cores(result, family):
+        for layer in range(expr.evaluate(core.get("repeat", "1"), values)):
+            elements = b * kv_heads(core, values) * p.past * expr.evaluate(core["head_dim"], values)
+            cache[index, layer] = [ledger.new(elements * p.kv_width, "kv_cache") for _ in "kv"] if p.past else []
+    positions = ledger.new(b * q * INT64, "inputs")  # prepare_inputs_for_generation: position_ids
+    logits = _Walk(result, family, p, ledger, values, cache, quant).forward()
+    ledger.drop(positions)
+    _pick(ledger, p, logits, mask, ids, previous)
+    return ledger
+
+
+class _Walk:
+    """One forward of the model over the flow: the streams between ops, and what Python scopes hold."""
+
+    def __init__(self, result, family, p: Pass, ledger, values: dict, cache: dict, quant):
+        self.result, self.family, self.p, self.ledger = result, family, p, ledger
+        self.values, self.cache = values, cache
+        self.parts = family.tasks[result.task].parts
+        self.modules = _modules(result, family, values)
+        head = {_base_name(c.name) for c in result.components if c.part == self.parts[-1]}
+        for name, module in self.modules.items():
+            if module.kind in ("embedding", "tied") and module.fan_in == 0:
+                module.tokens = p.batch * p.tokens  # a lookup of b x q ids (position ids per sequence)
+            elif name in head:
+                module.tokens = p.batch  # logits_to_keep=1: the last position only
+        self.quant = quant
+        self.quantized = {_base_name(name) for name in quant.quantized} if quant else set()
+        self.streams: dict[str, Value] = {}
+        self.scope: list[int] = []  # what the running function's locals hold until it returns ("|")
+        self.block: list[int] = []  # what the layer's locals hold until it returns (eager attention's weights)
+        self.returned: list[int] = []  # what the layer returns besides its output: held until the next one returns
+        self.layer = 0
+
+    def new(self, elements: int, width: int, category: str = "activations") -> Value:
+        return Value(self.ledger.new(elements * width, category), elements, width, False)
+
+    def forward(self) -> Value:
+        """Run every part of the task; return the logits (what outlives the model's forward, with the cache)."""
+        ledger, streams, flow = self.ledger, self.streams, self.family.flow
+        sequence = [(op, i == 0) for part in self.parts for _ in range(_layers(self.result, part))
+                    for i, op in enumerate(flow.get(part, []))]
+        dies = iter(last_reads(sequence, set(self.modules), keep={"y", io(flow[self.parts[-1]][-1])[1]}))
+        pinned: dict[str | None, list[int]] = {}
+        block, previous = self.block, []  # (previous: what the last layer returned, which the model still holds)
+        for part in self.parts:
+            ops = flow.get(part, [])
+            for spec in self.family.forward_tensors:  # masks and position biases, made once for the part's layers
+                if spec["part"] == part and masks.made_for(spec, self.p.attention) and spec["made"] == "mask":
+                    streams[spec["name"]] = self.new(_mask_elements(spec, self.values, self.p), self.p.width)
+            for self.layer in range(_layers(self.result, part)):
+                written: set[str] = set()
+                arguments = [ledger.hold(streams[n].tid) for n in reads(ops) if n in streams]
+                for op in ops:
+                    if op == SCOPE_END:
+                        next(dies)
+                        release(self.scope, ledger)
+                        continue
+                    words, source = op.partition(":")[2].split(), io(op)[0][:1]
+                    if words and words[0] == "keep" and source and source[0] in streams:
+                        until = words[1] if len(words) > 1 else None
+                        (block if until == "block" else pinned.setdefault(until, [])).append(
+                            ledger.hold(streams[source[0]].tid))
+                    self.op(op, written)
+                    let_go(next(dies), streams, self.scope, ledger)
+                release(self.scope, ledger)
+                release(block, ledger)
+                release(previous, ledger)
+                previous.extend(self.returned)
+                self.returned.clear()
+                for tid in arguments:
+                    ledger.drop(tid)
+            release(previous, ledger)
+            release(pinned.pop(part, []), ledger)
+            for spec in self.family.forward_tensors:  # the stack's forward returns: what it made for its layers dies
+                if spec["until"] == part:
+                    forget(streams, spec["name"], ledger)
+        logits = streams.pop("y")
+        for value in streams.values():  # the model's forward returns: only the logits (and the cache) outlive it
+            ledger.drop(value.tid)
+        for tids in pinned.values():
+            release(tids, ledger)
+        return logits
+
+    def op(self, op: str, written: set[str]) -> None:
+        names, target = io(op)
+        name = op.partition(":")[2].strip()
+        if any(n not in self.streams for n in names):  # a branch this config does not have
+            return
+        inputs = [self.streams[n] for n in names]
+        kind = name.split(" ")[0]
+        if kind in ("keep", "dropout") or (kind == "upcast" and inputs[0].width == self.p.width):
+            out = inputs[0]  # kept as it is; dropout in eval returns its input
+            self.ledger.hold(out.tid)
+        elif kind == "first-token":
+            out = Value(self.ledger.hold(inputs[0].tid), inputs[0].elements // self.p.tokens, inputs[0].width, False)
+        elif kind in ("+", "*", "scale"):  # out of place, broadcast to the larger input
+            out = self.new(max(v.elements for v in inputs), max(v.width for v in inputs))
+        elif kind == "act":
+            x = inputs[0]
+            extra = FORWARD_SCRATCH.get(activation_name(name.split()[1], self.result.config), 0)
+            if extra:
+                self.ledger.drop(self.ledger.new(extra * x.bytes, "transient"))
+            out = self.new(x.elements, x.width)
+        elif name.startswith("attention core"):
+            index = int(name.rsplit(" ", 1)[-1]) - 1
+            out = self.attention(index, self.family.attention[index], inputs)
+        else:
+            module = self.modules.get(name.removesuffix(" [tied]"))
+            if module is None:  # a row this config does not have
+                if target not in written:
+                    forget(self.streams, target, self.ledger)
+                return
+            out = self.module(name, module, inputs[0] if inputs else None)
+        written.add(target)
+        if target in self.streams:
+            self.ledger.drop(self.streams[target].tid)
+        self.streams[target] = out
+
+    def module(self, name: str, module, x: Value | None) -> Value:
+        kind, width, new, ledger = module.kind, self.p.width, self.new, self.ledger
+        if kind in ("embedding", "tied") and module.fan_in == 0:  # a lookup
+            return new(module.tokens * module.fan_out, width)
+        if kind == "layernorm":  # the output, then a mean and a reciprocal deviation per token (fp32) while it runs
+            out = new(x.elements, width)
+            ledger.drop(ledger.new(2 * module.tokens * 4, "transient"))
+            return out
+        if kind == "rmsnorm":  # in Python: x in fp32, its mean square, x * rsqrt(...), cast back, times the weight
+            upcast = new(x.elements, 4) if width != 4 else None
+            variance, normalised = new(module.tokens, 4), new(x.elements, 4)
+            for value in (upcast, variance):
+                if value is not None:
+                    ledger.drop(value.tid)
+            cast = new(x.elements, width) if width != 4 else None
+            out = new(x.elements, width)
+            for value in (cast, normalised):
+                if value is not None:
+                    ledger.drop(value.tid)
+            return out
+        if _base_name(name.removesuffix(" [tied]")) in self.quantized and self.quant.options.type != "int8":
+            # Linear4bit casts its input to the compute dtype and the output back; in eval on a CPU bitsandbytes
+            # multiplies the packed weight directly (no dequantized copy, measured), as its GPU kernels do
+            compute = DTYPE_BYTES[self.quant.options.compute_dtype]
+            if compute != width:
+                operand, out = new(x.elements, compute), new(module.tokens * module.fan_out, compute)
+                ledger.drop(operand.tid)
+                cast = new(out.elements, width)
+                ledger.drop(out.tid)
+                return cast
+        if kind in ("linear", "conv1d", "tied"):
+            return new(module.tokens * module.fan_out, width)
+        return new(x.elements, x.width)
+
+    def attention(self, index: int, core: dict, inputs: list[Value]) -> Value:
+        """The cache update of one layer, then the attention kernel over every cached position."""
+        p, values, new, ledger = self.p, self.values, self.new, self.ledger
+        b, q, k = p.batch, p.tokens, p.keys
+        heads, dim = expr.evaluate(core["heads"], values), expr.evaluate(core["head_dim"], values)
+        kv = kv_heads(core, values)
+        width = p.width
+        entry = self.cache.get((index, self.layer))
+        if entry is not None:  # torch.cat(cached, new), keys then values: a new tensor, the old one freed after it
+            per_position = b * kv * dim * p.kv_width
+            for _ in "kv":
+                entry.append(ledger.new(per_position * q, "kv_cache"))  # the cache grows by q positions...
+                if p.past:  # ...and the old tensor is a copy alive until the new one exists
+                    ledger.drop(ledger.new(per_position * p.past, "transient"))
+        extras = masks.read_by(core, self.streams)
+        if p.attention != "eager":  # sdpa without dropout: the fused kernel (no mask: generate's is all ones)
+            out = new(b * q * heads * dim, width)
+            ledger.drop(ledger.new(b * heads * q * 4, "transient"))  # the log-sum-exp of each row, fp32
+            return out  # written as [b, q, heads, d]: merging the heads is a view
+        held = []  # what the attention's locals hold until it returns
+        if core.get("fused_qkv") and b > 1 and q > 1:  # q out of the fused projection: reshape copies it
+            held.append(new(b * q * heads * dim, width).tid)
+        if kv != heads:  # repeat_kv: keys and values expanded to every query head
+            held += [new(b * heads * k * dim, width).tid for _ in "kv"]
+        scores = new(b * heads * q * k, width)  # q @ k^T (BLOOM: baddbmm onto ALiBi)
+        for role in masks.ROLES:
+            if role in extras:
+                added = new(scores.elements, max(scores.width, extras[role].width))
+                (held.append(scores.tid) if core.get("scores_held") else ledger.drop(scores.tid))
+                scores = added
+        upcast = None
+        if core.get("softmax_fp32") and scores.width != 4 and p.device == "cpu":  # (CUDA: in the kernel)
+            upcast = new(scores.elements, 4)  # softmax(x, dtype=float32): x.to(float32), then the softmax
+        probs = new(scores.elements, 4 if core.get("softmax_fp32") else scores.width)
+        if upcast is not None:
+            ledger.drop(upcast.tid)
+        (held.append(scores.tid) if core.get("scores_held") else ledger.drop(scores.tid))
+        back = width if core.get("softmax_cast_back") else probs.width
+        if probs.width != back:  # (the softmax's own output is a temporary)
+            cast = new(probs.elements, back)
+            ledger.drop(probs.tid)
+            probs = cast
+        context = new(b * heads * q * dim, width)  # probs @ v
+        out = new(b * q * heads * dim, width)  # heads merged back: a contiguous copy
+        ledger.drop(context.tid)
+        # the attention weights it returns: the layer holds them until it returns, or (BLOOM) the model until the
+        # next layer returns
+        (self.returned if core.get("weights_held") == "next block" else self.block).append(probs.tid)
+        self.scope.extend(held)  # freed when the attention returns (the flow's next "|")
+        return out
+
+
+def _mask_elements(spec: dict, values: dict, p: Pass) -> int:
+    """A mask's elements for q new positions over k keys: the family file writes them for a training step (q = k =
+    s); a quadratic one (``b*s*s``: the causal mask, b x 1 x q x k) is q x k, any other (ALiBi, b*heads x 1 x k) k."""
+    text = spec["elements"].replace(" ", "")
+    elements = expr.evaluate(text, {**values, "s": p.keys})
+    return elements // p.keys * p.tokens if "s*s" in text else elements
+
+
+def _pick(ledger, p: Pass, logits: Value, mask: int, ids: int | None, previous: list[int]) -> None:
+    """generate's greedy pick after the forward: the attention mask grown by one, the last logits copied to fp32,
+    the logits processors, argmax, the token ids grown by one; then the logits die (``del outputs``)."""
+    b, vocab = p.batch, p.vocab
+    grown = ledger.new(b * (p.keys + 1) * INT64, "inputs")  # _update_model_kwargs_for_generation: torch.cat
+    ledger.drop(mask)
+    scores = ledger.new(b * vocab * 4, "activations")  # logits[:, -1].to(copy=True, dtype=float32)
+    if previous:
+        ledger.drop(previous[0])  # the last step's copy, rebound
+    before = scores
+    for _ in range(p.processors):  # clone; arange(V) and its eos mask (isin); where(mask, -inf, scores)
+        clone = ledger.new(b * vocab * 4, "transient")
+        index = ledger.new(vocab * INT64, "transient")
+        eos = ledger.new(vocab, "transient")
+        masked = ledger.new(b * vocab * 4, "activations")
+        for tid in (clone, index, eos):
+            ledger.drop(tid)
+        if before != scores:
+            ledger.drop(before)  # the previous processor's output, once the next has run
+        before = masked
+    if previous:
+        ledger.drop(previous[1])  # the last step's processed scores, rebound
+    ledger.drop(ledger.new(b * INT64, "transient"))  # argmax
+    new_ids = ledger.new(b * (p.keys + 1) * INT64, "inputs")  # torch.cat([input_ids, next_tokens])
+    if ids is not None:
+        ledger.drop(ids)
+    ledger.drop(logits.tid)  # del outputs
+    del grown, new_ids
+
+
+__all__ = ["CATEGORIES", "Pass", "run", "cached_cores", "kv_heads", "PROCESSORS"]

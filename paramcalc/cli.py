@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from .cli_infer import check as check_inference, inference_options, inference_table, inference_task, plan_inference
 from .errors import ParamcalcError
 
 TASKS = ("base", "causal-lm", "masked-lm", "seq-cls", "seq2seq-lm", "token-cls")
@@ -43,6 +44,7 @@ def main():
       paramcalc gpt2 --task causal-lm --json
       paramcalc bloom-560m --task causal-lm --quant nf4 --lora r=16 --batch 4 --seq 256
       paramcalc gpt2 --task causal-lm --seq 512 --mixed-precision fp16 --device t4 --fit-batch
+      paramcalc gpt2 --infer --batch 8 --context 512 --new-tokens 64 --dtype fp16 --device t4
       paramcalc trace bert-base-uncased --task seq-cls --batch 8 --seq 128
       paramcalc train bert-base-uncased --task seq-cls --batch 4 --seq 64 --steps 4
       paramcalc calibrate
@@ -146,6 +148,7 @@ def device_options(command):
 @model_options
 @step_options
 @device_options
+@inference_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema paramcalc/1).")
 @click.option("--latex", is_flag=True, help="Print a LaTeX (booktabs) table.")
 @click.option("--verify", is_flag=True,
@@ -153,7 +156,7 @@ def device_options(command):
 def count_command(model, task, overrides, num_labels, lora, adapter, prompt, prefix, ptuning, ia3, quant, batch, seq,
                   tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, grad_accum, attention, device,
                   device_mem, gpus,
-                  zero, fsdp, fit_batch, as_json, latex, verify):
+                  zero, fsdp, fit_batch, infer, context, new_tokens, kv_dtype, fit_context, as_json, latex, verify):
     """Count the parameters of MODEL: a catalog name, a config.json, or a folder holding one.
 
     \b
@@ -164,18 +167,27 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
       paramcalc bloom-560m --task causal-lm --quant nf4 --lora r=16
       paramcalc bert-base-uncased --task seq-cls --batch 8 --seq 128 --optimizer adamw
       paramcalc gpt2 --task causal-lm --seq 512 --mixed-precision fp16 --device t4 --fit-batch
+      paramcalc bloom-560m --infer --batch 4 --context 2048 --new-tokens 256 --dtype bf16 --device a10g
+      paramcalc gpt2 --infer --new-tokens 64 --dtype fp16 --device t4 --fit-context
     """
     try:
         methods = {"lora": lora, "adapter": adapter, "prompt": prompt, "prefix": prefix, "ptuning": ptuning,
                    "ia3": ia3}
+        inference = {"context": context, "new_tokens": new_tokens, "kv_dtype": kv_dtype, "fit_context": fit_context,
+                     "fit_batch": fit_batch, "batch": batch, "dtype": dtype, "attention": attention, "device": device,
+                     "device_mem": device_mem}
+        check_inference(infer, inference)
+        task = inference_task(model, task) if infer else task  # generate() runs the causal LM head
         result = _count(model, task, overrides, num_labels, quant, methods)
         verification = None
         if verify:
             from .verify import verify as run_verify
 
             verification = run_verify(result)
-        step_plan = curve = None
-        if batch is not None or fit_batch or device or device_mem or gpus != 1 or zero is not None or fsdp:
+        step_plan = curve = inference_plan = None
+        if infer:
+            inference_plan = plan_inference(result, inference)
+        elif batch is not None or fit_batch or device or device_mem or gpus != 1 or zero is not None or fsdp:
             from .plan import Parallel, fit_batch as search, plan
 
             step = make_step(batch, seq, tgt_seq, dtype, mixed_precision, optimizer, grad_checkpointing, attention,
@@ -202,6 +214,8 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
             document["step"] = asdict(step)
             if curve is not None:
                 document["fit_batch"] = {"batch": step.batch, "curve": [{"batch": b, "peak": p} for b, p in curve]}
+        if inference_plan is not None:
+            document["inference"] = inference_plan.to_dict()
         if verification is not None:
             document["verify"] = {"ok": verification.ok, "meta_total": verification.meta_total,
                                   "model_class": verification.model_class,
@@ -219,6 +233,8 @@ def count_command(model, task, overrides, num_labels, lora, adapter, prompt, pre
             from .report import plan_table
 
             Console().print(plan_table(step_plan, step, curve))
+        if inference_plan is not None:
+            Console().print(inference_table(inference_plan))
     if verification is not None:
         _report_verification(verification, quiet=as_json or latex)
         if not verification.ok:

@@ -109,6 +109,9 @@ def supported(result):
     if "seq2seq-lm" in family.tasks:
         raise ParamcalcError(f"--infer covers decoder-only models ({decoders}); {result.family} is an encoder-decoder, "
                              "whose encoder pass and cross-attention cache it does not model")
+    if not family.attention:
+        raise ParamcalcError(f"--infer: the {result.family} family file does not describe its attention yet (no "
+                             "[[attention]] with heads, kv_heads and head_dim), so its KV cache cannot be sized")
     if not _decoder_only(family):
         raise ParamcalcError(f"--infer: {result.family} is an encoder-only model, which keeps no key/value cache to "
                              f"generate with; --infer covers decoder-only models ({decoders})")
@@ -164,7 +167,7 @@ def _dtype(result, inference: Inference) -> str:
 
 def infer(result, inference: Inference, device: str | None = None, device_mem: str | None = None) -> InferencePlan:
     """Weights, KV cache and the prefill / decode peaks of ``generate`` for ``result``'s model on a device."""
-    from .memory import DTYPE_BYTES, model_states
+    from .memory import DTYPE_BYTES, buffer_bytes, model_states
     from .plan import CUDA_OVERHEAD, profile
     from .step import Step, check_fits_model, resolve_attention
 
@@ -182,22 +185,28 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     vocab = result.values["V"]
     first = Pass(inference.batch, inference.context, 0, width, kv_width, inference.attention, vocab, inference.context,
                  device=chosen.kind)
-    prefill = _at_peak(run(result, family, first, weights, result.quant), overhead)
-    decode = None
-    if inference.new_tokens > 1:  # the last decode step, over every cached position but its own
-        last = replace(first, tokens=1, past=inference.cached_tokens - 1)
-        decode = _at_peak(run(result, family, last, weights, result.quant), overhead)
+    last = replace(first, tokens=1, past=inference.cached_tokens - 1)  # the last decode step, over the full cache
+    replayed = all(family.flow.get(part) for part in family.tasks[result.task].parts)
+    if replayed:
+        prefill = _at_peak(run(result, family, first, weights, result.quant), overhead)
+        decode = _at_peak(run(result, family, last, weights, result.quant), overhead) if inference.new_tokens > 1 \
+            else None
+    else:  # no flow to replay: weights and cache only, a lower bound
+        prefill = _states(weights, kv_cache(result, family, inference, inference.context)[0], overhead)
+        decode = _states(weights, kv_cache(result, family, inference)[0], overhead) if inference.new_tokens > 1 \
+            else None
     total, formula = kv_cache(result, family, inference)
+    buffers = buffer_bytes(result)
     formulas = {
-        "weights": "params x bytes(dtype) + buffers" + (" (quantized weights as stored)" if result.quant else ""),
+        "weights": ("quantized weights as stored + other params x bytes(dtype) + buffers" if result.quant else
+                    f"{result.total_params:,} params x {width} B" + (f" + buffers {buffers:,} B" if buffers else "")),
         "kv_cache": formula,
         "kv_cache_tokens": f"context + new tokens - 1 = {inference.context:,} + {inference.new_tokens:,} - 1 = "
                            f"{inference.cached_tokens:,} (the last new token is never fed back)",
-        "activations": f"one forward over the {inference.context:,}-token prompt (logits of its last position only), "
-                       "then the greedy pick: what is alive at the peak besides weights and cache, token ids and "
-                       "masks included",
-        "activations_decode": "one token's forward over the full cache, the copy torch.cat makes growing a layer's "
-                              "cache, and the greedy pick",
+        "activations": f"one forward over the {inference.context:,}-token prompt, its last position's logits, the "
+                       "greedy pick (token ids and masks included)",
+        "activations_decode": "one token's forward over the cache, torch.cat's copy of a layer's cache as it grows, "
+                              "the greedy pick",
         "overhead": "CUDA context + allocator (assumed 0.5 GiB on a GPU, none on the CPU)",
     }
     notes = [f"attention: {inference.attention}; greedy generate(max_new_tokens={inference.new_tokens}, "
@@ -208,7 +217,13 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     if result.config.get("sliding_window") and result.config.get("use_sliding_window", True):
         notes.append(f"the config has a sliding window ({result.config['sliding_window']}): the cache is sized in "
                      "full, as if every position were kept")
-    if chosen.kind == "cuda":
+    if result.quant and result.quant.options.type != "int8" and chosen.kind == "cpu":
+        notes.append("on a CPU bitsandbytes repacks 4-bit weights at their first forward, their absmax in bf16: 2 B "
+                     "less per 64 values than as loaded (shown)")
+    if not replayed:
+        notes.append(f"no [flow] in the {result.family} family file yet: activations are not replayed, so each peak is "
+                     "weights + KV cache only (a lower bound)")
+    elif chosen.kind == "cuda":
         notes.append("activations as the CPU kernels allocate them; CUDA's fused kernels keep about as much")
     return InferencePlan(inference, weights, total, formula, prefill, decode, chosen, formulas, notes)
 
@@ -218,6 +233,11 @@ def _at_peak(ledger, overhead: int) -> dict:
     activations = sum(totals[key] for key in ("activations", "transient", "inputs", "gradients", "optimizer"))
     return {"peak": ledger.timeline.peak + overhead, "weights": totals["weights"], "kv_cache": totals["kv_cache"],
             "activations": activations, "overhead": overhead}
+
+
+def _states(weights: int, kv: int, overhead: int) -> dict:
+    return {"peak": weights + kv + overhead, "weights": weights, "kv_cache": kv, "activations": None,
+            "overhead": overhead}
 
 
 def _search(fits, limit: int) -> tuple[int, list[int]]:

@@ -16,7 +16,8 @@ from paramcalc.cli import main
 for args in (["bert-base-uncased"], ["t5-small", "--task", "seq2seq-lm", "--json"], ["gpt2", "--latex"], ["list"],
              ["bert-base-uncased", "--lora", "r=8"], ["gpt2", "--task", "seq-cls", "--lora", "targets=all-linear,dora=true"],
              ["t5-small", "--task", "seq2seq-lm", "--quant", "nf4", "--lora", "r=4"],
-             ["roberta-base", "--adapter", "kind=houlsby"], ["gpt2", "--prefix", "tokens=5"]):
+             ["roberta-base", "--adapter", "kind=houlsby"], ["gpt2", "--prefix", "tokens=5"],
+             ["bloom-560m", "--infer", "--context", "512", "--new-tokens", "8", "--device", "t4", "--fit-batch"]):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
 heavy = sorted(m for m in ("torch", "transformers", "peft", "accelerate", "bitsandbytes") if m in sys.modules)

@@ -114,6 +114,78 @@ def _cpu_fused_attention_formulas():
     return mapping
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch._grouped_mm, the experts' matmul (transformers' grouped_mm experts): every row of the jagged operand
+    belongs to one group, so the FLOPs are those of one matmul over all of them."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # tokens @ per-expert weights: [S, K] @ [E, K, N] -> [S, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # weight gradients, jagged over S: [K, S] @ [S, N] -> [E, K, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    rows = a_shape[-2] * (a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 else 1)
+    return 2 * rows * a_shape[-1] * b_shape[-1]  # [E, M, K] @ [E, K, N], and [M, K] sliced by groups of N
+
+
+def _flop_formulas():
+    """Formulas FlopCounterMode lacks: torch's fused CPU attention kernel (it counts only the CUDA ones) and the
+    grouped matmul of mixture-of-experts layers."""
+    import torch
+
+    mapping = _cpu_fused_attention_formulas()
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+    if grouped is not None:
+        mapping[grouped] = _grouped_mm_flops
+    return mapping
+
+
+def _cpu_grouped_mm():
+    """A fake-tensor rule for ``torch._grouped_mm`` on a CPU in fp32 / fp16, the kernel a real CPU step runs.
+
+    transformers (5.x, torch > 2.8) runs a mixture of experts (Mixtral's) as ``grouped_mm`` by default
+    (``experts_implementation``), and on a CPU ``torch._grouped_mm`` has a kernel for every float dtype. torch's
+    meta function, which fake tensors use, copies the CUDA kernel's checks and wants bf16 inputs. This mode
+    answers the same op with the CPU kernel's output (a new contiguous tensor of the shape torch's meta function
+    gives); bf16 goes on to torch's own rule. It changes nothing the model runs, only how its output is shaped.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+
+    class CpuGroupedMM(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if grouped is None or func is not grouped.default:
+                return func(*args, **kwargs)
+            a, b, offs = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("offs")
+            out_dtype = (args[4] if len(args) > 4 else kwargs.get("out_dtype")) or a.dtype
+            bias = args[3] if len(args) > 3 else kwargs.get("bias")
+            if a.dtype == torch.bfloat16 or a.device.type != "cpu" or bias is not None:
+                return func(*args, **kwargs)
+            if a.dim() == 2 and b.dim() == 2:
+                shape = (offs.size(0), a.size(0), b.size(1))  # [K, S] @ [S, N] in groups -> [E, K, N]
+            elif a.dim() == 2:
+                shape = (a.size(0), b.size(-1))  # [S, K] @ [E, K, N] -> [S, N]
+            elif b.dim() == 2:
+                shape = (a.size(1), b.size(1))
+            else:
+                shape = (a.size(0), a.size(1), b.size(-1))
+            return torch.empty(shape, dtype=out_dtype, device=a.device)
+
+    return CpuGroupedMM()
+
+
+def _experts_note(model, result) -> str | None:
+    """Which experts implementation a mixture-of-experts model runs (the model's, as a real step runs it)."""
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    if can_set is None or not can_set():
+        return None
+    implementation = model.config._experts_implementation
+    asked = result.config.get("experts_implementation")
+    why = "as its config asks" if asked else f"transformers' default for {result.family or result.hf_class}"
+    kernel = {"grouped_mm": "; torch._grouped_mm, as a real CPU step runs it"}.get(implementation, "")
+    return f"experts: {implementation} ({why}{kernel})"
+
+
 def _inputs(result, step: Step, encoder_decoder: bool):
     import torch
 
@@ -196,13 +268,14 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
         raise ParamcalcError(f"transformers cannot build {result.hf_class} this way: "
                              f"{str(exc).splitlines()[0][:200]}") from None
     as_loaded(model, result.config, weights_dtype(result, step))  # T5's wo in fp32 in fp16, a v1.1 lm_head
+    notes += filter(None, [_experts_note(model, result)])
     if result.quant:  # bitsandbytes modules, as from_pretrained(quantization_config=...) makes them
         quantized.quantize_on_meta(model, result.quant.options)
         notes.append(f"{result.quant.options.type} weights quantized by bitsandbytes on fake tensors; its 4-bit "
                      "matmuls run as its CPU kernel does (the whole weight dequantized, then a linear)")
     if result.peft_options:
         model = apply_real_peft(model, result)
-    with FakeTensorMode(allow_non_fake_inputs=True):  # peft keeps small index tensors as plain attributes
+    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_grouped_mm():  # peft keeps index tensors as attributes
         _fake_tensors(model)
         kept = quantized.fake_quantize(model, result.quant.options) if result.quant else []
         if step.grad_checkpointing:
@@ -217,7 +290,7 @@ def trace_step(result, step: Step, steady: bool = True) -> TraceReport:
             tracker.track(tensor, "parameters")
         matmuls = (quantized.decomposed_4bit_matmuls if result.quant and result.quant.options.type != "int8"
                    else contextlib.nullcontext)
-        counter = FlopCounterMode(display=False, custom_mapping=_cpu_fused_attention_formulas())
+        counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
         autocast = (torch.autocast("cpu", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[step.mixed_precision])
                     if step.mixed_precision else contextlib.nullcontext())
         flops = {}
@@ -250,8 +323,12 @@ def _one_step(model, inputs, optimizer, autocast, tracker, result, flops=None, c
             loss = _loss(model(**inputs))
         except (ValueError, ZeroDivisionError, RuntimeError) as exc:
             if "DynamicOutputShape" in type(exc).__name__ or "DataDependent" in type(exc).__name__:
+                hint = ("; its experts run as experts_implementation='eager', which picks the experts hit "
+                        "(nonzero): grouped_mm, transformers' default, can be traced"
+                        if getattr(getattr(model, "config", None), "_experts_implementation", None) == "eager"
+                        and result.config.get("experts_implementation") == "eager" else "")
                 raise ParamcalcError(f"{result.hf_class} looks at the token values ({exc}), which fake "
-                                     "tensors do not have; it cannot be traced") from None
+                                     f"tensors do not have; it cannot be traced{hint}") from None
             raise ParamcalcError(f"transformers cannot run this {result.hf_class}: "
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     del inputs

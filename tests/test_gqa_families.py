@@ -1,5 +1,6 @@
 """Llama, Mistral, Qwen2 and Mixtral: real CPU steps judge the memory prediction (traced on fake tensors until
-their family files describe the step's flow); published figures pin the counts."""
+their family files describe the step's flow; Mixtral's experts as the real step runs them); published figures pin
+the counts."""
 
 import pytest
 
@@ -11,7 +12,7 @@ from tiny import TINY_GQA
 TOLERANCE = 0.05
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "mixtral"])
 @pytest.mark.parametrize("method", [None, "lora:r=4,targets=q_proj,v_proj"])
 def test_real_steps_match_the_prediction(family, method):
     config, task = TINY_GQA[family]
@@ -20,17 +21,38 @@ def test_real_steps_match_the_prediction(family, method):
     assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
     assert report.measured["changed_params"] == result.trainable_params
     assert report.measured["frozen_changed"] == []
-
-
-def test_mixtral_trains_and_says_why_it_has_no_prediction_yet():
-    """Its fused experts run torch._grouped_mm, which fake tensors cannot trace on a CPU in fp32: the real run
-    goes ahead and the report says there is no prediction, instead of crashing."""
-    config, task = TINY_GQA["mixtral"]
-    result = paramcalc.count(config, task=task, formulas=False)
-    report = train(result, Step(batch=2, seq=32), TrainOptions(steps=3, lr=5e-3))
-    assert report.errors() == {}
-    assert report.measured["changed_params"] == result.trainable_params
     assert report.measured["loss"][-1] < report.measured["loss"][0]
+
+
+def test_mixtral_trace_runs_the_experts_the_real_step_runs():
+    """transformers 5 runs Mixtral's experts as grouped_mm (torch._grouped_mm, whose CPU kernel takes fp32); torch's
+    fake-tensor rule for it wants bf16, so the trace answers it with the CPU kernel's output. Its FLOPs (one matmul
+    over every routed token, 2 * b*s*K * in * out) equal those torch counts for the same step run as batched_mm
+    (transformers' bmm over each token's gathered expert weights), while that step's memory differs: the trace
+    must run what the real step runs."""
+    from paramcalc import trace
+
+    config, task = TINY_GQA["mixtral"]
+    grouped = trace.trace_step(paramcalc.count(config, task=task, formulas=False), Step(batch=2, seq=32))
+    batched = trace.trace_step(paramcalc.count({**config, "experts_implementation": "batched_mm"}, task=task,
+                                         formulas=False), Step(batch=2, seq=32))
+    assert grouped.flops == batched.flops
+    assert grouped.peak < batched.peak
+    assert "experts: grouped_mm (transformers' default for mixtral; torch._grouped_mm, as a real CPU step runs it)" \
+        in grouped.notes
+    # the formula on the shapes of the step: routed rows b*s*K = 2*32*2 = 128, H = 64, 2I = 192
+    assert trace._grouped_mm_flops((128, 64), (4, 64, 192)) == 2 * 128 * 64 * 192  # [S, H] @ [E, H, 2I]
+    assert trace._grouped_mm_flops((64, 128), (128, 192)) == 2 * 64 * 128 * 192  # its weight gradient -> [E, H, 2I]
+
+
+def test_mixtral_experts_that_look_at_token_values_are_refused_in_one_line():
+    # experts_implementation="eager" loops over the experts hit (nonzero): fake tensors have no values to look at
+    from paramcalc.trace import trace_step
+
+    config, task = TINY_GQA["mixtral"]
+    result = paramcalc.count({**config, "experts_implementation": "eager"}, task=task, formulas=False)
+    with pytest.raises(paramcalc.ParamcalcError, match="looks at the token values"):
+        trace_step(result, Step(batch=2, seq=32))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -90,9 +90,10 @@ def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:
     ledger = InferenceLedger()
     ledger.new(weights, "weights")
     b, q, keys = p.batch, p.tokens, p.keys
-    ledger.new(b * p.prompt * INT64, "inputs")  # the caller's input_ids
-    mask = ledger.new(b * keys * INT64, "inputs")  # generate's attention mask (its own: ones, grown each step)
-    ids = ledger.new(b * keys * INT64, "inputs") if p.past else None  # generate's input_ids, grown by torch.cat
+    for _ in ("input_ids", "attention_mask"):  # the caller's (a tokenizer's, without padding), alive throughout
+        ledger.new(b * p.prompt * INT64, "inputs")
+    # generate's own attention mask and input_ids, grown by torch.cat after each step (the prefill reads the caller's)
+    mask, ids = ([ledger.new(b * keys * INT64, "inputs") for _ in "mi"] if p.past else [None, None])
     previous = [ledger.new(b * p.vocab * 4, "activations") for _ in range(2)] if p.past else []  # last pick's scores
     values = {**result.values, "b": b, "s": q}
     cache: dict[tuple[int, int], list[int]] = {}  # (core, layer) -> its keys' and values' allocations
@@ -308,12 +309,13 @@ def _mask_elements(spec: dict, values: dict, p: Pass) -> int:
     return elements // p.keys * p.tokens if "s*s" in text else elements
 
 
-def _pick(ledger, p: Pass, logits: Value, mask: int, ids: int | None, previous: list[int]) -> None:
+def _pick(ledger, p: Pass, logits: Value, mask: int | None, ids: int | None, previous: list[int]) -> None:
     """generate's greedy pick after the forward: the attention mask grown by one, the last logits copied to fp32,
     the logits processors, argmax, the token ids grown by one; then the logits die (``del outputs``)."""
     b, vocab = p.batch, p.vocab
     grown = ledger.new(b * (p.keys + 1) * INT64, "inputs")  # _update_model_kwargs_for_generation: torch.cat
-    ledger.drop(mask)
+    if mask is not None:
+        ledger.drop(mask)
     scores = ledger.new(b * vocab * 4, "activations")  # logits[:, -1].to(copy=True, dtype=float32)
     if previous:
         ledger.drop(previous[0])  # the last step's copy, rebound

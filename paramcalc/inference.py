@@ -214,9 +214,10 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     if inference.kv_dtype and KV_BYTES[inference.kv_dtype] != width:
         notes.append(f"--kv-dtype {inference.kv_dtype}: the cache at {kv_width} B per value, as a serving engine "
                      f"stores it; transformers' DynamicCache keeps the model's dtype ({dtype})")
-    if result.config.get("sliding_window") and result.config.get("use_sliding_window", True):
-        notes.append(f"the config has a sliding window ({result.config['sliding_window']}): the cache is sized in "
-                     "full, as if every position were kept")
+    window = result.config.get("sliding_window") if result.config.get("use_sliding_window", True) else None
+    if isinstance(window, int) and inference.cached_tokens > window:
+        notes.append(f"the config has a sliding window ({window:,} positions): the cache is sized in full, as if "
+                     "every position were kept (transformers' sliding layers keep views of the full tensors)")
     if result.quant and result.quant.options.type != "int8" and chosen.kind == "cpu":
         notes.append("on a CPU bitsandbytes repacks 4-bit weights at their first forward, their absmax in bf16: 2 B "
                      "less per 64 values than as loaded (shown)")
@@ -224,7 +225,8 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
         notes.append(f"no [flow] in the {result.family} family file yet: activations are not replayed, so each peak is "
                      "weights + KV cache only (a lower bound)")
     elif chosen.kind == "cuda":
-        notes.append("activations as the CPU kernels allocate them; CUDA's fused kernels keep about as much")
+        notes.append("on a GPU: activations as measured on a CPU (sdpa fused there too; eager's fp32 softmax "
+                     "without a copy of its input); not yet checked against a GPU run")
     return InferencePlan(inference, weights, total, formula, prefill, decode, chosen, formulas, notes)
 
 

@@ -31,17 +31,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import expr, masks
-from .flops import _base_name, _layers, _modules
+from .flops import ELEMENTWISE, _base_name, _layers, _modules
 from .ledger import CATEGORIES, Ledger, Value
 from .memory import DTYPE_BYTES
 from .ops import ACTIVATION_FORWARD_SCRATCH, activation_name
 from .walk import SCOPE_END, forget, io, last_reads, let_go, reads, release
 
 INT64 = 8  # token ids, attention masks, positions: int64
-# Input-sized temporaries an activation written out in Python holds at its widest in a forward without autograd,
-# beyond its input (the output takes the place of the last): GPT-2's NewGELUActivation computes 0.5 * x, then
-# x ** 3 and 0.044715 * x ** 3 while 0.5 * x is alive; BLOOM's as in training (ops.ACTIVATION_FORWARD_SCRATCH).
-FORWARD_SCRATCH = {"gelu_new": 3, **ACTIVATION_FORWARD_SCRATCH}
+# Input-sized temporaries an op written out in Python holds at its widest in a forward without autograd, beyond its
+# input (the output takes the place of the last): GPT-2's NewGELUActivation computes 0.5 * x, then x ** 3 and
+# 0.044715 * x ** 3 while 0.5 * x is alive; BLOOM's as in training (ops.ACTIVATION_FORWARD_SCRATCH); rotary
+# positions (apply_rotary_pos_emb, on q or k) hold x * cos, rotate_half(x) (a torch.cat) and rotate_half(x) * sin.
+FORWARD_SCRATCH = {"gelu_new": 3, "rotary": 3, **ACTIVATION_FORWARD_SCRATCH}
+MADE = ("mask", "rotary")  # the forward tensors inference makes (lookups and zeros: T5's, not decoder-only models')
 PROCESSORS = 2  # what min_new_tokens turns on: MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
 
 
@@ -143,9 +145,9 @@ class _Walk:
         block, previous = self.block, []  # (previous: what the last layer returned, which the model still holds)
         for part in self.parts:
             ops = flow.get(part, [])
-            for spec in self.family.forward_tensors:  # masks and position biases, made once for the part's layers
-                if spec["part"] == part and masks.made_for(spec, self.p.attention) and spec["made"] == "mask":
-                    streams[spec["name"]] = self.new(_mask_elements(spec, self.values, self.p), self.p.width)
+            for spec in self.family.forward_tensors:  # masks, biases, rotary tables: made once for the part's layers
+                if spec["part"] == part and masks.made_for(spec, self.p.attention) and spec["made"] in MADE:
+                    streams[spec["name"]] = self.new(_made_elements(spec, self.values, self.p), self.p.width)
             for self.layer in range(_layers(self.result, part)):
                 written: set[str] = set()
                 arguments = [ledger.hold(streams[n].tid) for n in reads(ops) if n in streams]
@@ -194,12 +196,15 @@ class _Walk:
             out = Value(self.ledger.hold(inputs[0].tid), inputs[0].elements // self.p.tokens, inputs[0].width, False)
         elif kind in ("+", "*", "scale"):  # out of place, broadcast to the larger input
             out = self.new(max(v.elements for v in inputs), max(v.width for v in inputs))
-        elif kind == "act":
+        elif kind in ("act", "rotary"):
             x = inputs[0]
-            extra = FORWARD_SCRATCH.get(activation_name(name.split()[1], self.result.config), 0)
+            what = activation_name(name.split()[1], self.result.config) if kind == "act" else kind
+            extra = FORWARD_SCRATCH.get(what, 0)
             if extra:
-                self.ledger.drop(self.ledger.new(extra * x.bytes, "transient"))
+                self.ledger.drop(self.ledger.new(int(extra * x.bytes), "transient"))
             out = self.new(x.elements, x.width)
+        elif kind in ELEMENTWISE:  # an elementwise op the walk has no rule for: an output like its input
+            out = self.new(inputs[0].elements, inputs[0].width)
         elif name.startswith("attention core"):
             index = int(name.rsplit(" ", 1)[-1]) - 1
             out = self.attention(index, self.family.attention[index], inputs)
@@ -301,10 +306,14 @@ class _Walk:
         return out
 
 
-def _mask_elements(spec: dict, values: dict, p: Pass) -> int:
-    """A mask's elements for q new positions over k keys: the family file writes them for a training step (q = k =
-    s); a quadratic one (``b*s*s``: the causal mask, b x 1 x q x k) is q x k, any other (ALiBi, b*heads x 1 x k) k."""
+def _made_elements(spec: dict, values: dict, p: Pass) -> int:
+    """A forward tensor's elements for q new positions over k keys; the family file writes them for a training step
+    (q = k = s). A quadratic mask (``b*s*s``: the causal mask, b x 1 x q x k) is q x k, any other mask (ALiBi,
+    b*heads x 1 x k) k; rotary tables (cos and sin, 1 x s x D in training) are b x q x D: generate passes
+    position ids per sequence."""
     text = spec["elements"].replace(" ", "")
+    if spec["made"] == "rotary":
+        return p.batch * expr.evaluate(text, {**values, "s": p.tokens})
     elements = expr.evaluate(text, {**values, "s": p.keys})
     return elements // p.keys * p.tokens if "s*s" in text else elements
 

@@ -49,9 +49,12 @@ def inference_table(planned):
     if fits is not None:
         lines.append(Text(f"{'fits' if fits else 'does NOT fit'} in {_bytes(device.memory)} ({device.memory:,} B)",
                           style="green" if fits else "red"))
-    if planned.fit:
-        fit = planned.fit
-        lines.append(Text(f"--fit-{fit['what']}: {fit['best']:,} is the largest that fits; {fit['what']} -> peak: "
-                          + ", ".join(f"{point[fit['what']]:,}: {_bytes(point['peak'])}" for point in fit["curve"])))
+    if planned.fit:  # the edge the search found (its whole curve is in the JSON)
+        fit, what = planned.fit, planned.fit["what"]
+        peaks = {point[what]: point["peak"] for point in fit["curve"]}
+        over = fit["best"] + 1
+        lines.append(Text(f"--fit-{what}: {fit['best']:,} is the largest that fits ({_bytes(planned.peak)})"
+                          + (f"; {over:,} needs {_bytes(peaks[over])}" if over in peaks else "")
+                          + f", {len(peaks)} sizes tried"))
     lines.extend(Text(note, style="dim") for note in planned.notes)
     return Group(*lines)

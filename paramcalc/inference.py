@@ -176,9 +176,9 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     chosen = profile(device, step, device_mem)
     check_fits_model(step, result)  # (the kernels this family runs)
     check_positions(result, inference)
-    inference = replace(inference, attention=resolve_attention(step, result).attention)
+    dtype = _dtype(result, inference)  # (--quant: the dtype its other weights were loaded in)
+    inference = replace(inference, attention=resolve_attention(step, result).attention, dtype=dtype)
     weights = model_states(result, step).weights
-    dtype = _dtype(result, inference)
     width = DTYPE_BYTES[dtype]
     kv_width = KV_BYTES[inference.kv_dtype or dtype]
     overhead = CUDA_OVERHEAD if chosen.kind == "cuda" else 0

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from . import expr, masks
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
-from .ledger import CATEGORIES, Ledger, Value
+from .ledger import Ledger, Value
 from .memory import DTYPE_BYTES
 from .ops import ACTIVATION_FORWARD_SCRATCH, activation_name
 from .walk import SCOPE_END, forget, io, last_reads, let_go, reads, release
@@ -322,7 +322,7 @@ def _pick(ledger, p: Pass, logits: Value, mask: int | None, ids: int | None, pre
     """generate's greedy pick after the forward: the attention mask grown by one, the last logits copied to fp32,
     the logits processors, argmax, the token ids grown by one; then the logits die (``del outputs``)."""
     b, vocab = p.batch, p.vocab
-    grown = ledger.new(b * (p.keys + 1) * INT64, "inputs")  # _update_model_kwargs_for_generation: torch.cat
+    ledger.new(b * (p.keys + 1) * INT64, "inputs")  # _update_model_kwargs_for_generation: torch.cat
     if mask is not None:
         ledger.drop(mask)
     scores = ledger.new(b * vocab * 4, "activations")  # logits[:, -1].to(copy=True, dtype=float32)
@@ -342,11 +342,7 @@ def _pick(ledger, p: Pass, logits: Value, mask: int | None, ids: int | None, pre
     if previous:
         ledger.drop(previous[1])  # the last step's processed scores, rebound
     ledger.drop(ledger.new(b * INT64, "transient"))  # argmax
-    new_ids = ledger.new(b * (p.keys + 1) * INT64, "inputs")  # torch.cat([input_ids, next_tokens])
+    ledger.new(b * (p.keys + 1) * INT64, "inputs")  # torch.cat([input_ids, next_tokens])
     if ids is not None:
         ledger.drop(ids)
     ledger.drop(logits.tid)  # del outputs
-    del grown, new_ids
-
-
-__all__ = ["CATEGORIES", "Pass", "run", "cached_cores", "kv_heads", "PROCESSORS"]

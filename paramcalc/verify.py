@@ -142,8 +142,11 @@ def peft_free_name(name: str, wrapper: str = "base_model.model.") -> str:
     """
     if wrapper and name.startswith(wrapper):
         name = name[len(wrapper):]
-    while ".base_layer." in name:  # peft nests one wrapper per adapted parameter of a module (fused experts)
-        name = name.replace(".base_layer.", ".")
+    # peft nests one lora.ParamWrapper per adapted parameter of a module (Mixtral's fused experts: gate_up_proj's
+    # inside down_proj's): the base weights lose every base_layer (experts.base_layer.base_layer.gate_up_proj ->
+    # experts.gate_up_proj), an inner wrapper's own A and B keep theirs (experts.base_layer.lora_A.default.weight)
+    if ".base_layer." in name and not any(part.startswith("lora_") for part in name.split(".")):
+        name = name.replace(".base_layer", "")
     return name.replace(".original_module.", ".")
 
 

@@ -24,6 +24,16 @@ def test_real_steps_match_the_prediction(family, method):
     assert report.measured["loss"][-1] < report.measured["loss"][0]
 
 
+def test_mixtral_lora_on_its_router_and_experts_trains_as_predicted():
+    # all-linear: peft's lora.ParamWrapper on the router's weight and on the experts' 3-D weights, traced as it runs
+    config, task = TINY_GQA["mixtral"]
+    result = paramcalc.count(config, task=task, peft="lora:r=4,targets=all-linear", formulas=False)
+    report = train(result, Step(batch=2, seq=32), TrainOptions(steps=3, lr=5e-3))
+    assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
+    assert report.measured["changed_params"] == result.trainable_params
+    assert report.measured["frozen_changed"] == []
+
+
 def test_mixtral_trace_runs_the_experts_the_real_step_runs():
     """transformers 5 runs Mixtral's experts as grouped_mm (torch._grouped_mm, whose CPU kernel takes fp32); torch's
     fake-tensor rule for it wants bf16, so the trace answers it with the CPU kernel's output. Its FLOPs (one matmul

@@ -61,6 +61,11 @@ CASES = [
     ("qwen2-0.5b", "causal-lm", "r=8,bias=all"),
     ("qwen2-7b", "seq-cls", "r=4,targets=all-linear,bias=lora_only"),
     ("mixtral-8x7b", "causal-lm", "r=8,targets=q_proj,k_proj,v_proj,o_proj"),
+    ("mixtral-8x7b", "causal-lm", "r=8,targets=all-linear"),
+    ("mixtral-8x7b", "seq-cls", "r=4,targets=all-linear,bias=all"),
+    ("mixtral-8x7b", "causal-lm", "r=16,targets=w1,w3,w2,bias=lora_only"),
+    ("mixtral-8x7b", "base", "r=2,targets=q_proj,gate,parameters=down_proj"),
+    ("mixtral-8x7b", "seq-cls", "r=4,targets=q_proj,v_proj,dora=true"),
 ]
 
 
@@ -126,11 +131,11 @@ def test_random_lora_matches_peft(family, data, r, bias, dora, matches_peft):
              "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
              "t5": ["q", "k", "v", "o", "wo", "shared"],
              "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
-             "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"],
+             # peft's v4 names for Mixtral's router (gate) and fused experts (w1 + w3: gate_up_proj, w2: down_proj),
+             # and the experts module itself, which peft refuses
+             "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens", "gate", "w1", "w3", "w2", "experts"],
              }[{"roberta": "bert", "mistral": "llama", "qwen2": "llama"}.get(family, family)]
-    # Mixtral's all-linear reaches its fused experts (peft's target_parameters): refused, see test below
-    every_linear = st.nothing() if family == "mixtral" else st.just(["all-linear"])
-    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True) | every_linear)
+    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True) | st.just(["all-linear"]))
     spec = f"r={r},bias={bias},dora={dora},targets={','.join(targets)}"
     try:
         result = paramcalc.count(config, task=task, peft=f"lora:{spec}", formulas=False)
@@ -154,20 +159,67 @@ def assert_peft_refuses(model, task, spec):
         peft.get_peft_model(meta_model, config)
 
 
-@pytest.mark.parametrize("spec", ["r=8", "r=8,targets=all-linear", "r=8,targets=experts"])
-def test_mixtral_lora_refuses_what_it_does_not_model_in_one_line(spec):
-    """peft cannot apply its default targets to Mixtral in transformers 5, and reaches the fused experts
-    through target_parameters with all-linear: refused with the reason, never a wrong count."""
-    with pytest.raises(paramcalc.ParamcalcError, match="Mixtral"):
-        paramcalc.count("mixtral-8x7b", task="causal-lm", peft=f"lora:{spec}")
+def test_mixtral_8x7b_all_linear_adapts_the_router_and_the_fused_experts(matches_peft):
+    """peft 0.21 on transformers 5 turns all-linear's v4 names (gate, w1, w3, w2) into target_parameters: a
+    lora.ParamWrapper on the router's weight and on each of the experts' 3-D weights, rank r per expert, and 2r on
+    gate_up_proj, where w1 and w3 are fused."""
+    result = paramcalc.count("mixtral-8x7b", task="causal-lm", peft="lora:r=8,targets=all-linear")
+    L, H, AD, KVD, E, I, r = 32, 4096, 32 * 128, 8 * 128, 8, 14336, 8
+    rows = {c.name: c for c in result.components if c.group == "peft"}
+    assert rows["LoRA attention K (k_proj)"].count == L * r * (H + KVD) == 1_310_720
+    assert rows["LoRA MoE router (mlp.gate)"].count == L * r * (H + E) == 1_050_624  # A [r, H], B [E, r]
+    # A [2r*E, H], B [2I, 2r*E]
+    assert rows["LoRA MoE experts (mlp.experts) gate_up_proj"].count == L * 2 * r * E * (H + 2 * I) == 134_217_728
+    # A [r*E, I], B [H, r*E]
+    assert rows["LoRA MoE experts (mlp.experts) down_proj"].count == L * r * E * (I + H) == 37_748_736
+    assert rows["LoRA MoE experts (mlp.experts) gate_up_proj"].formula == "L*(2*E*H*r + 4*E*I*r)"
+    attention = L * r * 2 * ((H + AD) + (H + KVD))
+    assert result.trainable_params == attention + 1_050_624 + 134_217_728 + 37_748_736 == 179_832_832
+    assert result.peft[0].config["target_parameters"] == ["gate.weight", "gate_up_proj", "down_proj"]
+    assert any("rank 2r = 16 per expert" in note for note in result.peft[0].notes)
+    matches_peft(result)
 
 
-def test_peft_itself_refuses_its_default_lora_targets_on_mixtral():
+@pytest.mark.parametrize("spec", [
+    "r=4,targets=all-linear,bias=lora_only",
+    "r=3,targets=w2,modules_to_save=embed_tokens",
+    "r=2,targets=mlp.gate,w1,w3",
+    "r=4,parameters=gate_up_proj,down_proj",  # rank r on gate_up_proj: nothing is fused when named directly
+    "r=4,targets=q_proj,w1,w3,parameters=experts.gate_up_proj",  # w1 and w3 still double its rank
+    "r=8,targets=q_proj,down_proj",  # no module is named down_proj: peft adapts q_proj alone
+])
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_tiny_mixtral_lora_on_experts_matches_peft(spec, task, matches_peft):
+    matches_peft(paramcalc.count(TINY_MIXTRAL, task=task, peft=f"lora:{spec}", formulas=False))
+
+
+def test_api_takes_target_parameters(matches_peft):
     import peft
 
-    from paramcalc.meta import build_meta_model
+    config = peft.LoraConfig(r=4, target_parameters=["mlp.experts.down_proj", "gate_up_proj"])
+    from_object = paramcalc.count(TINY_MIXTRAL, task="causal-lm", peft=config, formulas=False)
+    from_spec = paramcalc.count(TINY_MIXTRAL, task="causal-lm", peft="lora:r=4,parameters=gate_up_proj,down_proj",
+                                formulas=False)
+    # 2 layers * 4 experts * 4 * ((64 + 192) + (96 + 64)) = 13,312
+    assert from_object.trainable_params == from_spec.trainable_params == 2 * 4 * 4 * (256 + 160) == 13_312
+    matches_peft(from_object)
 
-    base = paramcalc.count(TINY_MIXTRAL, task="causal-lm", formulas=False)
-    model = build_meta_model(base.config, class_name=base.hf_class)
-    with pytest.raises(Exception, match="target_modules"):
-        peft.get_peft_model(model, peft.LoraConfig(r=8, task_type="CAUSAL_LM"))
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    ("r=8", "NoMatchingPeftModuleError"),  # peft's conversion empties its default targets
+    ("r=8,targets=experts", "experts module 'experts' itself"),  # MixtralExperts is not a Linear
+    ("r=8,targets=q_proj,w1", "without also targeting w3"),  # w1 and w3 are fused into gate_up_proj
+    ("r=8,targets=all-linear,dora=true", "does not work with use_dora=True"),  # lora.ParamWrapper
+    ("r=8,targets=gate,dropout=0.1", "does not work with lora_dropout != 0"),
+    ("r=8,targets=gate,modules_to_save=gate", "cannot save 'gate' whole"),
+    ("r=8,targets=gate_up_proj", "match no module of Mixtral"),  # a parameter, not a module: parameters=...
+])
+def test_mixtral_lora_refuses_in_one_line_what_peft_refuses(spec, reason):
+    with pytest.raises(paramcalc.ParamcalcError, match=reason):
+        paramcalc.count(TINY_MIXTRAL, task="causal-lm", peft=f"lora:{spec}", formulas=False)
+    assert_peft_refuses(TINY_MIXTRAL, "causal-lm", spec)
+
+
+def test_parameters_reach_only_mixture_of_experts_weights():
+    with pytest.raises(paramcalc.ParamcalcError, match="mixture-of-experts weights"):
+        paramcalc.count("tinyllama-1.1b", task="causal-lm", peft="lora:parameters=q_proj.weight")

@@ -59,7 +59,7 @@ def llama_like(draw, model_type):
     """Grouped-query decoders: KV heads divide the query heads; head_dim given or H/A; odd sizes; tied or not;
     Llama's bias switches (ignored by Mistral, Qwen2 and Mixtral, as their code ignores them)."""
     kv, groups = draw(small), draw(small)
-    rotary = st.sampled_from([1, 2, 3, 4, 6, 8])  # transformers refuses a rotary head of odd width above 4
+    rotary = st.sampled_from([2, 4, 6, 8])  # rotary positions turn pairs of a head's features: even widths
     heads, head_dim = kv * groups, draw(rotary)
     config = {
         "model_type": model_type, "vocab_size": draw(sizes), "hidden_size": draw(rotary) * heads,
@@ -89,3 +89,7 @@ STRATEGIES = {
     "qwen2": llama_like("qwen2"),
     "mixtral": llama_like("mixtral"),
 }
+
+# The families whose file describes a training step's flow: the memory replay and analytic FLOPs cover them (the
+# others are traced on fake tensors)
+REPLAYED = {family: strategy for family, strategy in STRATEGIES.items() if families.families()[family].flow}

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from strategies import STRATEGIES, tasks
 
 import paramcalc
+from paramcalc import families
 
 CASES = [
     ("bert-base-uncased", "base", "prompt:tokens=20"),
@@ -122,4 +123,6 @@ def test_random_prompt_methods_match_peft(family, method, data, matches_peft):
     config = data.draw(STRATEGIES[family], label="config")
     task = data.draw(tasks(family), label="task")
     spec = data.draw(STRATEGY_SPECS[method], label="spec")
+    if method == "adapter" and not families.families()[family].adapter_sites:  # refused: see test_gqa_families
+        return
     matches_peft(paramcalc.count(config, task=task, peft=spec, formulas=False))

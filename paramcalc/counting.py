@@ -60,9 +60,12 @@ class CountResult:
     def active_params(self) -> int | None:
         """Parameters one token runs through: with a mixture of experts (Mixtral), its router's top K of E
         experts' weights and everything else; None for a dense model."""
-        experts = sum(c.count for c in self.components if c.kind == "experts")
-        if not experts:
+        modules = {c.param for c in self.components if c.kind == "experts"}
+        if not modules:
             return None
+        # the experts' weights and the LoRA adapters on them (peft's rows sit under the experts module)
+        experts = sum(c.count for c in self.components
+                      if c.kind == "experts" or any(c.param.startswith(m) for m in modules) and c.group == "peft")
         values = self.values
         return self.total_params - experts * (values["E"] - values["K"]) // values["E"]
 

@@ -107,3 +107,11 @@ def test_grouped_query_formula_reads_in_kv_heads():
 def test_methods_not_described_for_the_family_are_refused(method):
     with pytest.raises(paramcalc.ParamcalcError, match="Llama"):
         paramcalc.count("tinyllama-1.1b", task="causal-lm", peft=method)
+
+
+def test_mixtral_active_parameters_count_only_the_routed_experts_adapters():
+    # LoRA on the fused experts runs with its expert: K of E of it per token, like the experts' own weights
+    result = paramcalc.count("mixtral-8x7b", task="causal-lm", peft="lora:r=8,targets=all-linear")
+    experts = sum(c.count for c in result.components if "MoE experts" in c.name)
+    assert experts == 45_097_156_608 + 134_217_728 + 37_748_736
+    assert result.active_params == result.total_params - experts * 6 // 8

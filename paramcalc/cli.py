@@ -66,7 +66,8 @@ def model_options(command):
         click.option("--num-labels", type=int, default=None, help="Labels of a seq-cls/token-cls head (default 2)."),
         click.option("--lora", metavar="SPEC", default=None,
                      help="LoRA, e.g. r=8 or r=4,targets=c_attn,c_proj,bias=all (keys: r, alpha, dropout, targets, "
-                          "bias, modules_to_save, dora)."),
+                          "bias, modules_to_save, dora, parameters: peft's target_parameters, e.g. Mixtral's "
+                          "fused experts)."),
         click.option("--adapter", metavar="SPEC", default=None, is_flag=False, flag_value="",
                      help="Bottleneck adapters (AdapterHub): kind=pfeiffer|houlsby[,bottleneck=N|reduction=F,"
                           "cross=true,init=mam_adapter|bert|houlsby] (init: how train starts them)."),

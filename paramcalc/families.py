@@ -84,6 +84,10 @@ class Family:
     forward_tensors: tuple[dict, ...]
     flow: dict  # part -> ordered data flow ["inputs -> output : row"], for which gradients backward computes
     digest: str  # hash of the file text; keys the formula cache
+    # how its RMSNorm computes (paramcalc.ops.rmsnorm): "t5" (T5LayerNorm: the variance of an fp32 copy, the input
+    # times its rsqrt, cast to the weight's dtype when half) or "llama" (LlamaRMSNorm: all of it in fp32, cast back
+    # to the input's dtype, then weight * it)
+    rmsnorm: str = "t5"
 
     def known_keys(self) -> dict:
         """Every config key this family reads, with its default (None when it has none)."""
@@ -213,7 +217,7 @@ def _parse(path: Path) -> Family:
         attention_kernels=tuple(raw.get("attention_kernels", ["eager"])), buffers=tuple(raw.get("buffers", [])),
         forward_tensors=tuple(raw.get("forward_tensors", [])),
         flow=raw.get("flow", {}),
-        digest=hashlib.sha256(text).hexdigest()[:16],
+        digest=hashlib.sha256(text).hexdigest()[:16], rmsnorm=raw.get("rmsnorm", "t5"),
     )
 
 
@@ -241,11 +245,16 @@ def _inherit(parent: dict, child: dict) -> dict:
     """Child keys win; tables merge key by key; lists (buffers, attention cores, adapter sites) are the
     child's when it gives them. Modules: the parent's, less those of the parts the child drops (``drop_parts``)
     and those it names in ``drop_modules``; a child module with a parent module's name takes its place (Qwen2
-    swaps Llama's Q/K/V for biased ones), any other is added."""
+    swaps Llama's Q/K/V for biased ones), any other is added. The flow is the parent's unless the child drops a
+    module a part's flow runs and does not write that part's flow itself: then the child has no flow at all (Mixtral
+    swaps Llama's SwiGLU for routed experts, which Llama's flow cannot run: its steps are traced instead)."""
     merged = {**parent, **child}
     for table in ("symbols", "defaults", "fixed", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens", "flow"):
         merged[table] = {**parent.get(table, {}), **child.get(table, {})}
     dropped, gone = set(child.get("drop_parts", [])), set(child.get("drop_modules", []))
+    if any(op.partition(":")[2].strip().removesuffix(" [tied]") in gone
+           for part, ops in parent.get("flow", {}).items() if part not in child.get("flow", {}) for op in ops):
+        merged["flow"] = {}
     swaps: dict[str, list] = {}  # name -> the child's modules of that name (one per condition)
     for m in child.get("modules", []):
         swaps.setdefault(m["name"], []).append(m)

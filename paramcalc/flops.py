@@ -26,10 +26,11 @@ from .families import families
 from .step import Step, check_fits_model, resolve_attention
 
 MATMUL_KINDS = ("linear", "conv1d", "tied")
-# flow ops without a weight (residual add, product, dropout, activation, casts, scaling, views): they pass
-# gradients on and count no matmul FLOPs
-ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token", "keep")
-SAVING = ("*", "act")  # of those, the ones that save a tensor for backward (a product its factors)
+# flow ops without a weight (residual add, product, dropout, activation, casts, scaling, views, rotary positions):
+# they pass gradients on and count no matmul FLOPs
+ELEMENTWISE = ("+", "*", "dropout", "act", "upcast", "scale", "first-token", "keep", "rotary")
+# of those, the ones that save a tensor for backward (a product its factors; rotary positions their cos and sin)
+SAVING = ("*", "act", "rotary")
 
 
 @dataclass
@@ -72,6 +73,14 @@ class _Module:
     dora_leaf: str = ""  # and on a Conv1D: its weight's name, which peft may wrap in a new Parameter (see _run)
     ia3_input: bool = False  # IA3 scales its input (feed-forward modules)
     ia3_output: bool = False
+    quantized: bool = False  # a bitsandbytes row (--quant)
+
+    @property
+    def hooks_see_nothing(self) -> bool:
+        """A bitsandbytes row with no method on it: its autograd Function keeps the packed weight (and the int8
+        one its input) as attributes of its context, which checkpointing's saved-tensor hooks do not see, so a
+        checkpointed re-run does not wait for it (torch's early stop)."""
+        return self.quantized and not (self.lora_rank or self.dora or self.ia3_input or self.ia3_output)
 
 
 def step_flops(result, step: Step, device: str = "cpu") -> Flops:
@@ -113,18 +122,19 @@ def step_flops(result, step: Step, device: str = "cpu") -> Flops:
         checkpointed = step.grad_checkpointing and _repeated(result, part)
         for _ in range(_layers(result, part)):
             written: set[str] = set()
-            before, skipped = sum(f for f, _ in rows.values()), 0
+            # the re-run goes up to the last op that saves anything, less that op's last kernel when it is a matmul
+            before = rerun = sum(f for f, _ in rows.values())
             for op in flops_methods.with_adapters(result, family, part, family.flow.get(part, [])):
                 if op == "|":  # a scope boundary, for the memory replay
                     continue
                 saves = _run(op, modules, needs_grad, rows, family, values, step, written, where)
                 if saves is not None:
-                    skipped = saves
+                    rerun = sum(f for f, _ in rows.values()) - saves
                 if lookup and op.startswith("->") and op.partition(":")[2].strip() == lookup or (
                         prompted and op is first):
                     needs_grad[_io_target(op)] = True
             if checkpointed and any(needs_grad.get(target) for target in written):
-                recompute += sum(f for f, _ in rows.values()) - before - skipped
+                recompute += rerun - before
     forward, backward = sum(f for f, _ in rows.values()), sum(b for _, b in rows.values())
     return Flops(forward, backward + recompute, rows, recompute)
 
@@ -166,6 +176,7 @@ def _modules(result, family, values) -> dict[str, _Module]:
             fan_in = expr.evaluate(c.args["in_features"], values) if "in_features" in c.args else 0
             fan_out = expr.evaluate(c.args.get("out_features", c.args.get("embedding_dim", "0")), values)
             module = modules[base] = _Module(c.kind, tokens, fan_in, fan_out, False, False)
+        module.quantized |= bool(result.quant) and c.name in result.quant.quantized
         module.any_trains |= c.trainable and (c.count > 0 or c.kind == "tied")
         module.weight_trains |= c.trainable and ("weight" in c.shapes or c.kind == "tied")
         by_param[c.param] = module
@@ -277,6 +288,8 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
         totals = rows.setdefault(name, [0, 0])
         totals[0] += forward
         totals[1] += backward if grad_out or module.weight_trains else 0
+        if module.hooks_see_nothing:
+            return None
     elif module.kind == "embedding" and module.lora_rank:
         # LoRA on an embedding: a lookup in A, then a matmul with B ([T, r] @ [r, dim])
         totals = rows.setdefault(name, [0, 0])

@@ -85,6 +85,12 @@ def check_prefix(result, family, step) -> None:
                              "by num_layers, and the decoder's later layers find no cache (IndexError)")
 
 
+def prefix_dim(family, values: dict) -> int:
+    """The width of one layer's prefix keys (or values): peft's token_dim, which for a grouped-query model it sets
+    to head_dim * num_key_value_heads (the family's ``prefix_token_dim``)."""
+    return expr.evaluate(family.peft.get("prefix_token_dim", family.peft["token_dim"]), values)
+
+
 def encoder_flops(result, values: dict, family, methods=("ptuning", "prefix")) -> int:
     """Forward FLOPs of the prompt encoder of ``methods`` (backward: twice as many, see above)."""
     total = 0
@@ -100,9 +106,10 @@ def encoder_flops(result, values: dict, family, methods=("ptuning", "prefix")) -
             else:  # the bidirectional LSTM (not counted), then 2h -> 2h -> H
                 total += matmul(tokens, 2 * hidden, 2 * hidden) + matmul(tokens, 2 * hidden, dim)
         elif method == "prefix" and options.projection:
-            tokens, hidden = values["b"] * options.tokens, options.hidden or dim
-            kv = 2 * expr.evaluate(family.peft["num_layers"], values) * dim
-            total += matmul(tokens, dim, hidden) + matmul(tokens, hidden, kv)
+            width = prefix_dim(family, values)
+            tokens, hidden = values["b"] * options.tokens, options.hidden or width
+            kv = 2 * expr.evaluate(family.peft["num_layers"], values) * width
+            total += matmul(tokens, width, hidden) + matmul(tokens, hidden, kv)
     return total
 
 

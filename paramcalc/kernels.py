@@ -18,8 +18,12 @@ if TYPE_CHECKING:  # the builder and the step's description, from the module tha
 # pass reads or writes one input-sized tensor). GPT-2's tanh GELU is eight ops forward (pow, mul, add, mul,
 # tanh, add, mul, mul: 18 passes) and autograd's walk back through them about 28 passes; BLOOM's runs as an
 # autograd Function whose backward recomputes tanh (bloom_gelu_back); T5's RMSNorm is pow, mean, rsqrt and two
-# products. The fused kernels (GELU, ReLU, SiLU, LayerNorm) are one op each way, at their own calibrated rate.
-WRITTEN_OUT = {"gelu_new": (18, 28, 8, 14), "bloom_gelu": (20, 28, 9, 12), "rmsnorm": (9, 15, 5, 9)}
+# products (Llama's the same ops, in fp32 throughout). Llama's rotary positions on q or k (apply_rotary_pos_emb):
+# x * cos, -x2, cat, * sin, + (10 passes); backward the two products' gradients, the negated half's, the two
+# halves' slices put back in place and three gradients summed (about 14). The fused kernels (GELU, ReLU, SiLU,
+# LayerNorm) are one op each way, at their own calibrated rate.
+WRITTEN_OUT = {"gelu_new": (18, 28, 8, 14), "bloom_gelu": (20, 28, 9, 12), "rmsnorm": (9, 15, 5, 9),
+               "rotary": (10, 14, 5, 8)}
 FUSED_ACTIVATION = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "gelu", "silu": "gelu", "tanh": "gelu"}
 
 

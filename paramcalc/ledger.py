@@ -116,6 +116,13 @@ class Ledger:
                 self.timeline.curve.append((self.phase, self.current))
 
 
+def promoted(values, width: int, ledger: Ledger) -> list[int]:
+    """TensorIterator's common dtype: an op over tensors of two dtypes (bf16 scores + an fp32 mask, a bf16 output
+    added to the fp32 residual stream) first copies each narrower input into the wider dtype, on a CPU a temporary
+    alive while the op runs (measured with torch 2.13). Returns those temporaries, for the caller to drop."""
+    return [ledger.new(value.elements * width, "transient") for value in values if value.width < width]
+
+
 def backward(record: Record, ledger: Ledger, grad_of: dict[int, int], allocated: dict[str, tuple[int | None, int]],
              uses: dict[str, int]) -> None:
     """Run one op's backward: the gradients of its inputs (and weights) while its output's gradient and its

@@ -6,12 +6,13 @@ sdpa is told ``is_causal``; without padding the bidirectional masks are skipped 
 relative position bias (``compute_bias``, made by the first block and passed on: ``1 x heads x q x k``),
 BLOOM's ALiBi (``b*heads x 1 x k``). A family file declares each (``[[forward_tensors]]``):
 
-- ``made``: ``mask`` (needs no gradient), ``lookup`` (an embedding lookup of the row ``row``: it needs a
+- ``made``: ``mask`` (needs no gradient; ``rotary`` and ``sliding`` tables and masks need none either), ``lookup`` (an embedding lookup of the row ``row``: it needs a
   gradient when that row trains, and then keeps its ``indices`` (int64) for backward), ``zeros`` (T5's
   cross-attention bias: a leaf that needs a gradient when ``grad = "checkpointing"`` and checkpointing is on);
 - ``elements``, ``dtype``: ``master`` (the weights' dtype: what an embedding lookup returns under autocast),
-  ``compute`` (autocast's dtype), ``norm`` (what a LayerNorm returns: fp32 under autocast);
-- ``kernels``: the attention kernels the model makes it for (all by default);
+  ``compute`` (autocast's dtype), ``norm`` (what a LayerNorm returns: fp32 under autocast), ``bool``;
+- ``kernels``: the attention kernels the model makes it for (all by default); ``from_keys``: a symbol the keys must
+  reach for the model to make it (Mistral's sliding window: below it sdpa is told ``is_causal`` instead);
 - ``part`` / ``until``: made before the first layer of ``part``, freed when part ``until`` has run (the
   stack's forward returns); a checkpointed layer keeps what it reads as an argument until its backward.
 
@@ -21,7 +22,8 @@ made as the core's ``sdpa_mask`` says (transformers' ``create_position_bias_mask
 of a permuted view), ``causal`` (``torch.where(causal, bias, min)``, which keeps the ``q x k`` boolean
 condition for backward), ``as-is``; under autocast sdpa casts it to half precision (sdpa is on autocast's
 lower-precision list). On a CPU a mask that needs a gradient sends sdpa to its math path: torch's fused CPU
-kernel computes no mask gradient.
+kernel computes no mask gradient. A boolean ``mask`` sdpa gets (Mistral's sliding window) it turns into a float
+one in the query's dtype (``paramcalc.attention``).
 
 Torch-free: the analytic path.
 """
@@ -59,13 +61,14 @@ def forward_tensor(spec: dict, ledger, ctx, checkpointed: bool = False) -> tuple
     """The tensor as a value, and the record backward reaches it by (last, as it was made first); None when
     the model does not make it (another kernel, a row this config does not have). ``checkpointed``: the part's
     layers are checkpointed (the first makes the tensor, and keeps nothing for backward)."""
-    if not made_for(spec, ctx.step.attention):
+    if not made_for(spec, ctx.step.attention) or not _reached(spec, ctx):
         return None
     row = _row_key(spec.get("row", ""))
     if spec["made"] == "lookup" and row not in ctx.modules:
         return None
     elements = expr.evaluate(spec["elements"], ctx.values) * _wider(spec, ctx)
-    width = {"master": ctx.master, "compute": ctx.compute, "norm": 4 if ctx.autocast else ctx.master}[spec["dtype"]]
+    width = {"master": ctx.master, "compute": ctx.compute, "norm": 4 if ctx.autocast else ctx.master,
+             "bool": 1}[spec["dtype"]]
     grad = needs_grad(spec, ctx.step, lambda name: getattr(ctx.modules.get(_row_key(name)), "weight_trains", False))
     elements = int(elements)
     value = Value(ledger.new(elements * width, "activations"), elements, width, grad)
@@ -78,6 +81,15 @@ def forward_tensor(spec: dict, ledger, ctx, checkpointed: bool = False) -> tuple
         per_layer = ctx.grads.get(row, [])
         record.weight_grads = list(per_layer[0]) if per_layer else []
     return value, record
+
+
+def _reached(spec: dict, ctx) -> bool:
+    """``from_keys``: a symbol (Mistral's sliding window) the keys must reach for the model to make the tensor; a
+    config without it never makes it."""
+    if "from_keys" not in spec:
+        return True
+    window = ctx.values.get(spec["from_keys"])
+    return window is not None and ctx.values["s"] + getattr(ctx, "prefix_tokens", 0) >= window
 
 
 def remade(family, item) -> list[Value]:

@@ -167,7 +167,8 @@ def _saves(record, where: _Where) -> bool:
     if name.startswith("attention core"):
         return record.output.grad
     module = where.modules.get(name.removesuffix(" [tied]"))
-    return module is not None and not name.endswith(" [tied]") and record.output.grad
+    return (module is not None and not name.endswith(" [tied]") and record.output.grad
+            and not module.hooks_see_nothing)
 
 
 def _record(record, ops: _Ops, where: _Where, forward_only: bool = False) -> None:
@@ -221,6 +222,13 @@ def _elementwise(name, kind, record, x, out, ops: _Ops, where: _Where, backward:
         if backward and x.grad:
             ops.phase = "backward"
             ops.ew("mul", 3 * x.bytes, x.width)
+        return
+    if kind == "rotary":  # apply_rotary_pos_emb, written out in Python (its cos and sin tables are tiny)
+        forward, back, calls, back_calls = WRITTEN_OUT["rotary"]
+        ops.ew("mul", forward * out.bytes, out.width, dispatches=calls)
+        if backward and x.grad:
+            ops.phase = "backward"
+            ops.ew("mul", back * out.bytes, out.width, dispatches=back_calls)
         return
     if kind == "act":
         act = activation_name(name.split()[1], where.result.config)

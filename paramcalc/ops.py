@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import quant
 from .flops import _base_name
-from .ledger import Ledger, Record, Value
+from .ledger import Ledger, Record, Value, promoted
 
 # What each activation function keeps for backward, in tensors the size of its input (written out in
 # Python, GPT-2's tanh GELU keeps x, tanh(...), 0.5*x and 1 + tanh(...)).
@@ -80,6 +80,8 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
     kind = module.kind
     if kind in ("embedding", "tied") and (module.fan_in == 0 or tied_copy):  # a lookup
         return new(module.tokens * module.fan_out, ctx.master, grad_out)
+    if kind == "rmsnorm" and ctx.family.rmsnorm == "llama":
+        return llama_rmsnorm(x, module, trains, grad_out, ledger, ctx, new, save)
     if kind in ("layernorm", "rmsnorm"):
         if x.grad or trains:
             save(x)
@@ -119,22 +121,27 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
             if getattr(module, "bias", 0):  # (a method's Linear: its bias too)
                 cache.append(new(module.bias, ctx.compute, False).tid)
         ledger.drop(copy.tid)
+    peft_in = x
     if module.lora_rank:
-        lora_in = x
+        # peft casts LoRA's input to its fp32 weights' dtype (a copy of a half input, alive until the layer
+        # returns), applies lora_dropout to that, and lora_A (under autocast: a cast to autocast's dtype) keeps it
+        if x.width != 4 and (ctx.autocast or quantized):
+            peft_in = new(x.elements, 4, x.grad)
+        lora_in = peft_in
         if ctx.lora_dropout > 0:
-            lora_in = new(x.elements, x.width, x.grad)
-            mask = new(x.elements, x.width if ctx.device == "cpu" else 1, False)
-            save(mask)
+            lora_in = new(x.elements, peft_in.width, x.grad)
+            mask = new(x.elements, peft_in.width if ctx.device == "cpu" else 1, False)
+            if x.grad:  # (input * noise keeps the noise for the input's gradient only)
+                save(mask)
             ledger.drop(mask.tid)
-        # LoRA's input is cast to autocast's dtype, or without autocast to its fp32 weights' (peft)
-        lora_width = ctx.compute if ctx.autocast else 4
-        if lora_in.width != lora_width and (ctx.autocast or quantized):
+        lora_width = ctx.compute if ctx.autocast else peft_in.width
+        if lora_in.width != lora_width:
             lora_cast = new(lora_in.elements, lora_width, lora_in.grad)
             save(lora_cast)
             ledger.drop(lora_cast.tid)
         else:
             save(lora_in)
-        if lora_in is not x:
+        if lora_in is not peft_in:
             ledger.drop(lora_in.tid)
         if ctx.autocast:  # A and B are trainable leaves: autocast caches their half copies
             for elements in (module.fan_in * module.lora_rank, module.lora_rank * module.fan_out):
@@ -154,8 +161,59 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
         scaled = Value(ledger.new(0, "activations"), elements, out.width, True) if stop else new(elements, out.width, True)
         ledger.drop(out.tid)
         out = scaled
-    if operand is not x:
-        ledger.drop(operand.tid)
+    for value in {id(v): v for v in (operand, peft_in) if v is not x}.values():
+        ledger.drop(value.tid)
+    return out
+
+
+def llama_rmsnorm(x: Value, module, trains: bool, grad_out: bool, ledger: Ledger, ctx, new, save) -> Value:
+    """LlamaRMSNorm (Mistral's, Qwen2's): ``h = x.to(float32)``; ``h * rsqrt(h.pow(2).mean(-1) + eps)``;
+    ``weight * h.to(x.dtype)``. ``pow`` and the product keep the fp32 ``h`` (``x`` itself when it is fp32) and the
+    product the reciprocal deviation per token, when ``x`` needs a gradient; ``weight *`` keeps the normalised
+    tensor in ``x``'s dtype when the weight trains. The output has the wider dtype of the weight and ``x``."""
+    upcast = new(x.elements, 4, x.grad) if x.width != 4 else x
+    square = new(x.elements, 4, False)  # h.pow(2), alive until its mean is taken
+    stats = new(module.tokens, 4, False)
+    ledger.drop(square.tid)
+    if x.grad:
+        save(upcast)
+        save(stats)
+    ledger.drop(stats.tid)
+    normalised = new(x.elements, 4, x.grad)
+    if x.width != 4:  # .to(input_dtype): a copy, and the fp32 one is let go
+        cast = new(x.elements, x.width, x.grad)
+        ledger.drop(normalised.tid)
+        normalised = cast
+    if upcast is not x:
+        ledger.drop(upcast.tid)
+    if trains:
+        save(normalised)
+    out = new(x.elements, max(x.width, ctx.master), grad_out)
+    ledger.drop(normalised.tid)
+    return out
+
+
+def rotary(x: Value, tables: Value, ledger: Ledger, new, save) -> Value:
+    """``apply_rotary_pos_emb`` on q or k (transformers' Llama): ``x * cos + rotate_half(x) * sin``, with
+    ``rotate_half(x) = cat(-x2, x1)`` over the two halves of the head dimension. Each product is out of place in
+    the wider dtype of ``x`` and the tables (fp32 tables promote a half ``x`` under autocast) and keeps its table
+    (``cos``, ``sin``: ``tables``) for ``x``'s gradient; the negated half and the concatenation are temporaries."""
+    width = max(x.width, tables.width)
+    first = new(x.elements, width, x.grad)  # x * cos
+    for tid in promoted([x], width, ledger):
+        ledger.drop(tid)
+    negated = new(x.elements // 2, x.width, x.grad)  # -x2
+    rotated = new(x.elements, x.width, x.grad)  # cat((-x2, x1))
+    ledger.drop(negated.tid)
+    second = new(x.elements, width, x.grad)  # rotate_half(x) * sin
+    for tid in promoted([rotated], width, ledger):
+        ledger.drop(tid)
+    ledger.drop(rotated.tid)
+    out = new(x.elements, width, x.grad)
+    for value in (first, second):
+        ledger.drop(value.tid)
+    if x.grad:
+        save(tables)
     return out
 
 

@@ -279,10 +279,14 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
 
 
 def replayable(result) -> bool:
-    """Whether the memory replay can walk the model: its family file describes the step's data flow."""
+    """Whether the memory replay can walk the model: its family file describes the step's data flow (a family that
+    drops modules its parent's flow runs inherits none: Mixtral's experts, ``families._inherit``), and no module
+    is of a kind no flow op runs yet (a mixture of experts' router and experts)."""
     from .families import families
 
-    return not result.generic and bool(families()[result.family].flow)
+    if result.generic or not families()[result.family].flow:
+        return False
+    return not any(c.kind in ("router", "experts") for c in result.components)
 
 
 def _traced(result, step: Step, chosen: Profile):

@@ -87,7 +87,9 @@ def backward_unsaved(record: Record, ledger: Ledger, grad_of: dict[int, int], al
 def saves(record: Record, ctx) -> bool:
     """Whether autograd saves anything for this op's backward: a tensor the replay keeps, or a frozen weight
     (a reference, no bytes) for its input's gradient."""
+    module = ctx.modules.get(record.op.partition(":")[2].strip().removesuffix(" [tied]"))
+    if module is not None and module.hooks_see_nothing:  # (bitsandbytes keeps what it needs out of their sight)
+        return False
     if record.saved or any(stage.saved for stage in record.stages):
         return True
-    module = ctx.modules.get(record.op.partition(":")[2].strip().removesuffix(" [tied]"))
     return bool(module and module.kind in MATMUL_KINDS and module.fan_in and any(v.grad for v in record.inputs))

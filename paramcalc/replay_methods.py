@@ -190,7 +190,9 @@ def modules(result, family, values: dict) -> dict[str, _Module]:
     rows = _modules(result, family, values)
     prefix = options(result, "prefix")
     if prefix is not None:  # the prefix encoder: every parameter trains
-        tokens, dim = values["b"] * prefix.tokens, values[family.peft["token_dim"]]
+        from .flops_methods import prefix_dim
+
+        tokens, dim = values["b"] * prefix.tokens, prefix_dim(family, values)
         kv = 2 * expr.evaluate(family.peft["num_layers"], values) * dim
         hidden = prefix.hidden or dim
         if prefix.projection:

@@ -1,8 +1,8 @@
 """The replay's walk over a family's flow: one op at a time (``forward``: what it allocates and saves), and the
 stream bookkeeping around it (which streams an op reads, when each dies, Python scopes that free them).
 
-An op is ``"in1,in2 -> target : NAME"``: NAME an elementwise op (``paramcalc.flops.ELEMENTWISE``), an attention
-core, or a row of the replay's modules; ``"|"`` (``SCOPE_END``) marks where a Python function returns.
+An op is ``"in1,in2 -> target : NAME"``: NAME an elementwise op (``paramcalc.flops.ELEMENTWISE``; ``rotary TABLES``
+reads the forward tensor TABLES too), an attention core, or a row of the replay's modules; ``"|"`` (``SCOPE_END``) marks where a Python function returns.
 ``paramcalc.activations.simulate`` runs the walk; ``paramcalc.recompute`` re-runs checkpointed layers with it.
 
 Torch-free: the analytic path.
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from . import attention, replay_methods
 from .flops import ELEMENTWISE
-from .ledger import Ledger, Record, Value
-from .ops import activation as _activation, dropout as _dropout, module as _module
+from .ledger import Ledger, Record, Value, promoted as _promoted
+from .ops import activation as _activation, dropout as _dropout, module as _module, rotary as _rotary
 
 SCOPE_END = "|"  # in a flow: a Python function returns here, and the values only it still held are freed
 
@@ -65,6 +65,8 @@ def forward(op: str, streams: dict[str, Value], ledger: Ledger, ctx, cache: list
     elif name in ("+", "*", "scale"):
         width = max(v.width for v in inputs)
         out = new(inputs[0].elements, width, grad_in)
+        for tid in _promoted(inputs, width, ledger):
+            ledger.drop(tid)
         if name == "*":  # each factor is saved for the other's gradient
             for value, other in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
                 if other.grad:
@@ -73,6 +75,10 @@ def forward(op: str, streams: dict[str, Value], ledger: Ledger, ctx, cache: list
         out = _dropout(inputs[0], float(ctx.config.get(name.split()[1], 0.0)), ledger, ctx, save)
     elif name.startswith("act"):
         out = _activation(name.split()[1], inputs[0], ledger, ctx, new, save, record)
+    elif name.startswith("rotary"):  # the tables the model made once (a forward tensor), read as well
+        tables = streams[name.partition(" ")[2]]
+        record.inputs = [*inputs, tables]
+        out = _rotary(inputs[0], tables, ledger, new, save)
     elif name.startswith("upcast"):  # T5 casts the FFN's hidden state to wo's weight dtype
         out = new(inputs[0].elements, ctx.master, grad_in) if inputs[0].width != ctx.master else inputs[0]
         if out is inputs[0]:

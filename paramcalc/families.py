@@ -88,6 +88,9 @@ class Family:
     # times its rsqrt, cast to the weight's dtype when half) or "llama" (LlamaRMSNorm: all of it in fp32, cast back
     # to the input's dtype, then weight * it)
     rmsnorm: str = "t5"
+    # streams of the flow that live in a Python expression, not a local: each dies at its last read (Llama's MLP,
+    # down_proj(act(gate_proj(x)) * up_proj(x)))
+    temporaries: tuple[str, ...] = ()
 
     def known_keys(self) -> dict:
         """Every config key this family reads, with its default (None when it has none)."""
@@ -218,6 +221,7 @@ def _parse(path: Path) -> Family:
         forward_tensors=tuple(raw.get("forward_tensors", [])),
         flow=raw.get("flow", {}),
         digest=hashlib.sha256(text).hexdigest()[:16], rmsnorm=raw.get("rmsnorm", "t5"),
+        temporaries=tuple(raw.get("temporaries", [])),
     )
 
 

@@ -81,7 +81,7 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
     if kind in ("embedding", "tied") and (module.fan_in == 0 or tied_copy):  # a lookup
         return new(module.tokens * module.fan_out, ctx.master, grad_out)
     if kind == "rmsnorm" and ctx.family.rmsnorm == "llama":
-        return llama_rmsnorm(x, module, trains, grad_out, ledger, ctx, new, save)
+        return llama_rmsnorm(x, module, trains, grad_out, ledger, ctx, new, save, record)
     if kind in ("layernorm", "rmsnorm"):
         if x.grad or trains:
             save(x)
@@ -166,11 +166,16 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
     return out
 
 
-def llama_rmsnorm(x: Value, module, trains: bool, grad_out: bool, ledger: Ledger, ctx, new, save) -> Value:
+def llama_rmsnorm(x: Value, module, trains: bool, grad_out: bool, ledger: Ledger, ctx, new, save,
+                  record: Record) -> Value:
     """LlamaRMSNorm (Mistral's, Qwen2's): ``h = x.to(float32)``; ``h * rsqrt(h.pow(2).mean(-1) + eps)``;
     ``weight * h.to(x.dtype)``. ``pow`` and the product keep the fp32 ``h`` (``x`` itself when it is fp32) and the
     product the reciprocal deviation per token, when ``x`` needs a gradient; ``weight *`` keeps the normalised
-    tensor in ``x``'s dtype when the weight trains. The output has the wider dtype of the weight and ``x``."""
+    tensor in ``x``'s dtype when the weight trains. The output has the wider dtype of the weight and ``x``.
+    Backward walks the same ops back in fp32: at its widest (pow's, when the product's gradient for ``h`` waits to
+    be summed with it) five input-sized tensors beyond what the forward kept, the output's gradient and the
+    normalised tensor having gone (measured with torch 2.13)."""
+    record.scratch = (4 - bool(trains)) * x.elements * 4 if x.grad else 0
     upcast = new(x.elements, 4, x.grad) if x.width != 4 else x
     square = new(x.elements, 4, False)  # h.pow(2), alive until its mean is taken
     stats = new(module.tokens, 4, False)

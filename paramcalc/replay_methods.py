@@ -81,7 +81,7 @@ def _adapter_rows(result, family) -> list[tuple[dict, object]]:
 def flow(result, family) -> tuple[dict[str, list[str]], Hooks]:
     """The family's flow, part by part, with the ops the methods add; and where the adapters' hooks run."""
     parts = {part: list(ops) for part, ops in family.flow.items()}
-    hooks = Hooks()
+    hooks = Hooks(temporaries=set(family.temporaries))
     prefix = options(result, "prefix")
     if prefix is not None:  # peft's get_prompt runs before the model
         first = family.tasks[result.task].parts[0]

@@ -53,6 +53,7 @@ def test_submodules_two_prepends_every_row_outside_seq2seq(family):
     ("gpt2", {**SMALL["gpt2"], "resid_pdrop": 0.0}),  # the FFN's c_proj ends the layer: the re-run stops before it
     ("t5", {**SMALL["t5"], "dropout_rate": 0.0}),
     ("bert", {**SMALL["bert"], "hidden_dropout_prob": 0.0}),  # the output LayerNorm saves: all of it re-runs
+    ("llama", SMALL["llama"]),  # down_proj ends the layer: the re-run stops before its matmul
 ])
 @pytest.mark.parametrize("method", [None, "lora:r=2", "ia3"])
 def test_checkpointing_early_stop(family, config, method):
@@ -83,7 +84,9 @@ def test_prefix_refusals():
         step_flops(deeper, Step(batch=2, seq=8, tgt_seq=5))
 
 
-QUANT = [(family, quant, method, checkpointing) for family in ("gpt2", "t5") for quant in ("nf4", "int8")
+# (Llama's last op in a layer is its 4-bit down_proj: a checkpointed re-run stops before it, bitsandbytes keeping
+# its weight out of sight of the saved-tensor hooks)
+QUANT = [(family, quant, method, checkpointing) for family in ("gpt2", "t5", "llama") for quant in ("nf4", "int8")
          for method in (None, "lora:r=2") for checkpointing in (False, True)]
 
 
@@ -99,7 +102,8 @@ def test_quantized_bases_count_the_dequantized_matmul(family, quant, method, che
 
 ADAPTERS = ["adapter:kind=pfeiffer", "adapter:kind=houlsby,bottleneck=3"]
 ADAPTER_CASES = [(family, spec, checkpointing, mixed) for family in SMALL for spec in ADAPTERS
-                 for checkpointing in (False, True) for mixed in (None, "bf16")]
+                 for checkpointing in (False, True) for mixed in (None, "bf16")
+                 if paramcalc.families.families()[family].adapter_sites]  # (Llama's family file places none)
 
 
 @pytest.mark.parametrize(("family", "spec", "checkpointing", "mixed"), ADAPTER_CASES,
@@ -155,7 +159,8 @@ def test_dora_equal_flop_counter(family, spec, checkpointing):
     _compare(family, spec, checkpointing)
 
 
-ALL_LINEAR = {"bert": "query,key,value,dense", "gpt2": "c_attn,c_proj,c_fc", "t5": "q,k,v,o,wi,wo"}
+ALL_LINEAR = {"bert": "query,key,value,dense", "gpt2": "c_attn,c_proj,c_fc", "t5": "q,k,v,o,wi,wo",
+              "qwen2": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 
 
 @pytest.mark.parametrize("family", sorted(ALL_LINEAR))

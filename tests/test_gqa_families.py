@@ -1,23 +1,101 @@
-"""Llama, Mistral, Qwen2 and Mixtral: real CPU steps judge the memory prediction (traced on fake tensors until
-their family files describe the step's flow; Mixtral's experts as the real step runs them); published figures pin
-the counts."""
+"""Llama, Mistral, Qwen2 and Mixtral: real CPU steps judge the memory replay of the grouped-query decoders (their
+family files describe the step's flow); Mixtral, whose routed experts no flow describes yet, is traced on fake
+tensors. Published figures pin the counts."""
+
+import gc
+import itertools
 
 import pytest
 
 import paramcalc
+from paramcalc.families import families
+from paramcalc.plan import plan, replayable
 from paramcalc.step import Step
 from paramcalc.train import TrainOptions, train
 from tiny import TINY_GQA
 
 TOLERANCE = 0.05
+# Measured on this CPU (2 x 32 tokens): fp32 within 0.05 %, bf16 autocast within 0.15 %, eager attention in bf16 with
+# checkpointing 1.1 % low, QLoRA 0.1-1.0 % low. What is left in half precision is the scratch buffers oneDNN's bf16
+# matmuls take on a CPU (9 KB for a 4-bit row's matmul here, 140 KB for a weight gradient at 4 x 64 tokens), which
+# no tensor accounts for, which vary by CPU and which the replay does not model; GPT-2 is 1.1 % low in bf16 eager
+# checkpointed steps and 2.7-3.8 % low with QLoRA for the same reason.
+STRICT = {"fp32": 0.005, "bf16": 0.01, "bf16-eager-ckpt": 0.02, "qlora": 0.015}
+GRID = [(family, method, precision, attention, checkpointing)
+        for family, method, precision, attention, checkpointing in itertools.product(
+            ("llama", "mistral", "qwen2"), (None, "lora:r=4"), ("fp32", "bf16"), ("eager", "sdpa"), (False, True))]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "mixtral"])
+def _run(family, step, method=None, quant=None, config=None):
+    config = config or TINY_GQA[family][0]
+    result = paramcalc.count(config, task=TINY_GQA[family][1], peft=method, quant=quant, formulas=False)
+    gc.collect()  # tensors earlier tests left in reference cycles, freed mid-step, would read as negative bytes
+    return result, train(result, step, TrainOptions(steps=2, lr=5e-3))
+
+
+@pytest.mark.parametrize(("family", "method", "precision", "attention", "checkpointing"), GRID,
+                         ids=["-".join(str(x) for x in case) for case in GRID])
+def test_real_steps_match_the_replay(family, method, precision, attention, checkpointing):
+    """RMSNorm in fp32, rotary q and k (fp32 under autocast: the tables have the embeddings' dtype), the cache's
+    K/V-wide copies, repeat_kv's (eager) or enable_gqa (sdpa), SwiGLU: every one of them against a real step."""
+    step = Step(batch=2, seq=32, mixed_precision=None if precision == "fp32" else "bf16", attention=attention,
+                grad_checkpointing=checkpointing)
+    result, report = _run(family, step, method)
+    assert report.predicted["source"] == "replay"
+    key = "bf16-eager-ckpt" if precision == "bf16" and attention == "eager" and checkpointing else precision
+    assert abs(report.errors()["peak"]) <= STRICT[key], (report.predicted["memory"]["peak"], report.measured["memory"])
+    assert report.measured["changed_params"] == result.trainable_params
+    assert report.measured["frozen_changed"] == []
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_qlora_steps_match_the_replay(family, attention, checkpointing):
+    """nf4 base, LoRA, bf16 autocast: the 4-bit outputs are fp32, so are q, k and v; peft clones the LoRA'd ones;
+    a checkpointed re-run stops before the 4-bit down_proj (bitsandbytes keeps its weight out of checkpointing's
+    sight)."""
+    step = Step(batch=2, seq=32, mixed_precision="bf16", attention=attention, grad_checkpointing=checkpointing)
+    result, report = _run(family, step, "lora:r=8", quant="nf4")
+    assert report.predicted["source"] == "replay"
+    assert abs(report.errors()["peak"]) <= STRICT["qlora"], (report.predicted["memory"]["peak"],
+                                                             report.measured["memory"])
+    assert report.measured["changed_params"] == result.trainable_params
+
+
+@pytest.mark.parametrize(("attention", "extra", "grows"), [("sdpa", {}, True), ("sdpa", {"attention_dropout": 0.1}, None),
+                                                           ("eager", {}, False)])
+def test_mistral_sliding_window_once_the_keys_reach_it(attention, extra, grows):
+    """A window of 16 under 32 tokens: sdpa gets a boolean mask (turned into a float one its fused kernel keeps) and,
+    with a mask, repeat_kv copies k and v; eager attention's mask is Llama's size. (sdpa's math path, with attention
+    dropout, builds a causal bias of its own without the window: its peak may or may not move.)"""
+    config = {**TINY_GQA["mistral"][0], "sliding_window": 16, **extra}
+    step = Step(batch=2, seq=32, attention=attention)
+    _, report = _run("mistral", step, config=config)
+    assert abs(report.errors()["peak"]) <= 0.005, (report.predicted["memory"]["peak"], report.measured["memory"])
+    wide = paramcalc.count({**config, "sliding_window": 64}, task="causal-lm", formulas=False)
+    narrow = paramcalc.count(config, task="causal-lm", formulas=False)
+    grown = plan(narrow, step).memory["peak"] - plan(wide, step).memory["peak"]
+    assert grows is None or (grown > 0) == grows
+
+
+def test_prefix_tuning_matches_a_real_step():
+    """peft sizes a grouped-query model's prefix by its K/V width; the prefixed keys make the model hand sdpa a
+    boolean causal mask, so repeat_kv copies k and v."""
+    _, report = _run("llama", Step(batch=2, seq=32), "prefix:tokens=4")
+    assert abs(report.errors()["peak"]) <= 0.005, (report.predicted["memory"]["peak"], report.measured["memory"])
+
+
 @pytest.mark.parametrize("method", [None, "lora:r=4,targets=q_proj,v_proj"])
-def test_real_steps_match_the_prediction(family, method):
-    config, task = TINY_GQA[family]
+def test_mixtral_is_traced_and_trains(method):
+    """Its routed experts are no flow op yet: Mixtral inherits no flow from Mistral (it drops the SwiGLU rows that
+    flow runs), so plan traces its step; the real run goes ahead and is judged against the trace."""
+    assert families()["mixtral"].flow == {} and families()["mistral"].flow
+    config, task = TINY_GQA["mixtral"]
     result = paramcalc.count(config, task=task, peft=method, formulas=False)
+    assert not replayable(result)
     report = train(result, Step(batch=2, seq=32), TrainOptions(steps=3, lr=5e-3))
+    assert report.predicted["source"] == "trace"
     assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
     assert report.measured["changed_params"] == result.trainable_params
     assert report.measured["frozen_changed"] == []
@@ -65,13 +143,13 @@ def test_mixtral_experts_that_look_at_token_values_are_refused_in_one_line():
         trace_step(result, Step(batch=2, seq=32))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_qlora_step_matches_the_prediction(family):
-    config, task = TINY_GQA[family]
-    result = paramcalc.count(config, task=task, peft="lora:r=8", quant="nf4", formulas=False)
-    report = train(result, Step(batch=2, seq=32, mixed_precision="bf16"), TrainOptions(steps=3, lr=5e-3))
-    assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
-    assert report.measured["changed_params"] == result.trainable_params
+def test_replayed_families_say_so_and_report_flops():
+    for model in ("tinyllama-1.1b", "mistral-7b", "qwen2-0.5b"):
+        result = paramcalc.count(model, task="causal-lm", formulas=False)
+        planned = plan(result, Step(batch=1, seq=512, mixed_precision="bf16"), device="a100-80gb")
+        assert replayable(result) and planned.source == "replay"
+        assert planned.flops["total"] > 0 and planned.throughput["table"]
+        assert not any("traced on fake tensors" in note for note in planned.notes)
 
 
 def test_mixtral_active_parameters_are_the_published_12_9b():

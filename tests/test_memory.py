@@ -25,19 +25,36 @@ SMALL = {
     "bloom": ({"model_type": "bloom", "n_layer": 2, "hidden_size": 64, "n_head": 4, "vocab_size": 200}, "causal-lm"),
     "t5": ({"model_type": "t5", "num_layers": 2, "d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 128,
             "vocab_size": 200, "decoder_start_token_id": 0}, "seq2seq-lm"),
+    # grouped-query decoders (2 K/V heads for 4 query heads): Llama with attention dropout (sdpa's math path, which
+    # repeats the K/V heads itself), Mistral with a sliding window the 32 positions reach (sdpa gets its mask),
+    # Qwen2 with a head_dim that is not H/A
+    "llama": ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 200, "attention_dropout": 0.1},
+              "causal-lm"),
+    "mistral": ({"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 200, "sliding_window": 16},
+                "causal-lm"),
+    "qwen2": ({"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 24, "intermediate_size": 96, "vocab_size": 200}, "seq-cls"),
 }
 CATEGORY_NAMES = {"weights": "parameters", "gradients": "gradients", "optimizer": "optimizer",
                   "activations": "activations", "transient": "transient"}
 # sdpa runs as it would in a real step: with the model's own attention dropout (0.1 in these configs) torch
 # takes its math path on a CPU; "sdpa-fused" sets the attention dropout to 0, so its fused CPU kernel runs.
 ATTENTION_DROPOUT = {"bert": "attention_probs_dropout_prob", "roberta": "attention_probs_dropout_prob",
-                     "gpt2": "attn_pdrop", "t5": "dropout_rate"}
+                     "gpt2": "attn_pdrop", "t5": "dropout_rate", **dict.fromkeys(("llama", "mistral", "qwen2"),
+                                                                                "attention_dropout")}
+# The fake-tensor trace over-counts a checkpointed step whose sdpa hands torch the K/V heads as they are (enable_gqa:
+# no mask, no dropout): 2.6-3.5 % high in backward on these configs, while real CPU steps agree with the replay within
+# 0.1 %. Those cells are judged by real steps (tests/test_gqa_families.py) instead.
+TRACE_OFF = {("llama", "sdpa-fused"), ("qwen2", "sdpa"), ("qwen2", "sdpa-fused")}
 GRID = [(family, method, precision, attention, checkpointing)
         for family in SMALL
         for method, precision, attention, checkpointing in itertools.product(
             (None, "lora:r=4", "prompt:tokens=4"), ("fp32", "bf16"), ("eager", "sdpa", "sdpa-fused"), (False, True))
         if family in ATTENTION_DROPOUT or attention == "eager"
-        if attention != "sdpa-fused" or method != "prompt:tokens=4"]
+        if attention != "sdpa-fused" or method != "prompt:tokens=4"
+        if not (checkpointing and (family, attention) in TRACE_OFF)]
 
 
 def _error(family, method, precision, attention, checkpointing):

@@ -105,8 +105,19 @@ SMALL = {
     "bloom": {"model_type": "bloom", "n_layer": 2, "hidden_size": 32, "n_head": 4, "vocab_size": 80},
     "t5": {"model_type": "t5", "num_layers": 2, "d_model": 32, "num_heads": 4, "d_kv": 8, "d_ff": 40,
            "vocab_size": 80, "decoder_start_token_id": 0},
+    # grouped-query decoders: 2 K/V heads for 4 query heads; Mistral's sliding window below the 8 positions these
+    # tests run (its mask then reaches sdpa); Qwen2 with a head_dim that is not H/A, and attention dropout (sdpa's
+    # math path, which repeats the K/V heads itself)
+    "llama": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 40, "vocab_size": 80, "max_position_embeddings": 40},
+    "mistral": {"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 40, "vocab_size": 80, "sliding_window": 6},
+    "qwen2": {"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 12, "intermediate_size": 40, "vocab_size": 80,
+              "attention_dropout": 0.1},
 }
-TASK = {"bert": "seq-cls", "roberta": "token-cls", "gpt2": "causal-lm", "bloom": "seq-cls", "t5": "seq2seq-lm"}
+TASK = {"bert": "seq-cls", "roberta": "token-cls", "gpt2": "causal-lm", "bloom": "seq-cls", "t5": "seq2seq-lm",
+        "llama": "causal-lm", "mistral": "seq-cls", "qwen2": "causal-lm"}
 
 
 @pytest.mark.parametrize(("family", "method", "dtype", "optimizer"), CASES,
@@ -190,7 +201,7 @@ def _family_results():
 
 def test_auto_attention_is_what_transformers_builds():
     """The family files' default kernel (torch-free) against transformers' own choice, on the meta device:
-    sdpa for BERT, RoBERTa, GPT-2 and T5, eager for BLOOM."""
+    sdpa for BERT, RoBERTa, GPT-2, T5, Llama, Mistral and Qwen2, eager for BLOOM."""
     import torch
     import transformers
 
@@ -204,7 +215,8 @@ def test_auto_attention_is_what_transformers_builds():
         built[family] = model.config._attn_implementation
         assert built[family] == default_attention(result), family
         assert attention_note(Step(), result) == f"attention: {built[family]} (transformers' default for {family})"
-    assert built == {"bert": "sdpa", "roberta": "sdpa", "gpt2": "sdpa", "bloom": "eager", "t5": "sdpa"}
+    assert built == {"bert": "sdpa", "roberta": "sdpa", "gpt2": "sdpa", "bloom": "eager", "t5": "sdpa", "llama": "sdpa",
+                     "mistral": "sdpa", "qwen2": "sdpa"}
 
 
 def test_resolve_attention_and_the_kernel_to_build():

@@ -14,8 +14,8 @@ TINY = {
             "vocab_size": 300}, "seq2seq-lm"),
 }
 
-# The grouped-query decoders (2 K/V heads for 4 query heads), traced on fake tensors for memory until their family
-# files describe the step's flow
+# The grouped-query decoders (2 K/V heads for 4 query heads): Llama, Mistral and Qwen2 replayed op by op, Mixtral (its
+# routed experts) traced on fake tensors
 TINY_GQA = {
     family: ({"model_type": family, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
               "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300, "max_position_embeddings": 64,

@@ -101,6 +101,9 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
         return new(x.elements, width, grad_out)
     if kind not in ("linear", "conv1d", "tied"):
         return new(x.elements, x.width, grad_out)
+    unscaled = x
+    if module.ia3_input:  # the matmul reads IA3's scaled input
+        x = ia3_input(x, ledger, new, save, record)
     # a matmul: under autocast both operands are cast to half precision first
     operand = x
     quantized = row in ctx.quantized and not tied_copy
@@ -163,7 +166,28 @@ def module(name, module, x: Value, ledger, ctx, new, save, cache, record) -> Val
         out = scaled
     for value in {id(v): v for v in (operand, peft_in) if v is not x}.values():
         ledger.drop(value.tid)
+    if x is not unscaled:
+        ledger.drop(x.tid)
     return out
+
+
+def ia3_input(x: Value, ledger: Ledger, new, save, record: Record) -> Value:
+    """peft's IA3 on a feed-forward row scales the row's input before its matmul: ``(x.to(float32) * scale)``, cast
+    back to ``x``'s dtype. The product keeps its fp32 input for the scale's gradient; returns the scaled input.
+    Backward holds the scaled input's gradient, the input's and the product ``grad * x`` the scale's gradient is
+    summed from, at once (with the output's gradient too where a residual add shares it, as in Llama's MLP; where a
+    dropout made it its own, GPT-2's, it has gone: this over-counts those by it, 1-2 % in a checkpointed step)."""
+    record.scratch = (2 + x.grad) * x.elements * 4
+    upcast = new(x.elements, 4, x.grad) if x.width != 4 else x
+    save(upcast)
+    scaled = new(x.elements, 4, True)
+    if upcast is not x:
+        ledger.drop(upcast.tid)
+    if x.width != 4:
+        cast = new(x.elements, x.width, True)
+        ledger.drop(scaled.tid)
+        scaled = cast
+    return scaled
 
 
 def llama_rmsnorm(x: Value, module, trains: bool, grad_out: bool, ledger: Ledger, ctx, new, save,

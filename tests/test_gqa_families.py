@@ -48,6 +48,20 @@ def test_real_steps_match_the_replay(family, method, precision, attention, check
     assert report.measured["frozen_changed"] == []
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ia3_steps_match_the_replay(precision, attention, checkpointing):
+    """IA3 scales k_proj's and v_proj's outputs and down_proj's input (a feed-forward row): the product keeps the
+    (fp32) input for the scale's gradient, and its backward holds three input-sized tensors at once."""
+    step = Step(batch=2, seq=32, mixed_precision=None if precision == "fp32" else "bf16", attention=attention,
+                grad_checkpointing=checkpointing)
+    result, report = _run("llama", step, "ia3")
+    key = "bf16-eager-ckpt" if precision == "bf16" and attention == "eager" and checkpointing else precision
+    assert abs(report.errors()["peak"]) <= STRICT[key], (report.predicted["memory"]["peak"], report.measured["memory"])
+    assert report.measured["changed_params"] == result.trainable_params
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -44,6 +44,13 @@ SMALL = {
                                       "d_kv": 64, "d_ff": 1024}),
     "gpt2": ("gpt2", "causal-lm", {"n_layer": 4, "n_embd": 256, "n_head": 4}),
     "bloom": ("bloom-560m", "causal-lm", {"n_layer": 4, "hidden_size": 256, "n_head": 4}),
+    # grouped-query decoders: 8 query heads on 2 K/V heads, their released vocabularies (Qwen2's 151,936)
+    "llama": ("tinyllama-1.1b", "causal-lm", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
+                                              "num_key_value_heads": 2, "intermediate_size": 704}),
+    "mistral": ("mistral-7b", "causal-lm", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
+                                            "num_key_value_heads": 2, "intermediate_size": 896}),
+    "qwen2": ("qwen2-0.5b", "causal-lm", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
+                                          "num_key_value_heads": 2, "intermediate_size": 704}),
 }
 # (label, catalog model, task, overrides, shapes): the small configs, then the released sizes that fit
 MODELS = [(f"{family}-4x256", model, task, overrides, [(4, 128), (8, 256)])

@@ -162,7 +162,8 @@ class _Walk:
                         (block if until == "block" else pinned.setdefault(until, [])).append(
                             ledger.hold(streams[source[0]].tid))
                     self.op(op, written)
-                    let_go(next(dies), streams, self.scope, ledger)
+                    # streams no local holds (the family's temporaries: Llama's SwiGLU products) die at once
+                    let_go(next(dies), streams, self.scope, ledger, self.family.temporaries)
                 release(self.scope, ledger)
                 release(block, ledger)
                 release(previous, ledger)

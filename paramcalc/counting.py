@@ -146,6 +146,10 @@ class CountResult:
             values = self.values
             notes.append(f"a token runs {values['K']} of {values['E']} experts per layer: {self.active_params:,} "
                          f"active parameters of {self.total_params:,} (all of them are held in memory)")
+            if self.quant:  # bitsandbytes replaces nn.Linear modules; transformers 5's experts are 3-D parameters
+                experts = sum(c.count for c in self.components if c.kind == "experts")
+                notes.append(f"--quant quantizes nn.Linear modules only: the {experts:,} parameters of the fused "
+                             "experts stay in the load dtype, unquantized (as bitsandbytes loads them)")
         return notes + ([self.quant.explanation(self.total_params)] if self.quant else [])
 
     def to_json(self) -> str:

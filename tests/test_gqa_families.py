@@ -116,6 +116,16 @@ def test_mixtral_is_traced_and_trains(method):
     assert report.measured["loss"][-1] < report.measured["loss"][0]
 
 
+def test_mixtral_qlora_step_matches_the_trace():
+    """nf4 quantizes the attention projections; the fused experts stay unquantized, as bitsandbytes loads them."""
+    config = {**TINY_GQA["mixtral"][0], "hidden_size": 128, "intermediate_size": 128}  # 4-bit CPU packing: x64
+    result = paramcalc.count(config, task="causal-lm", peft="lora:r=4,targets=q_proj,v_proj", quant="nf4",
+                             formulas=False)
+    report = train(result, Step(batch=2, seq=32, mixed_precision="bf16"), TrainOptions(steps=3, lr=5e-3))
+    assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
+    assert report.measured["changed_params"] == result.trainable_params
+
+
 def test_mixtral_lora_on_its_router_and_experts_trains_as_predicted():
     # all-linear: peft's lora.ParamWrapper on the router's weight and on the experts' 3-D weights, traced as it runs
     config, task = TINY_GQA["mixtral"]
@@ -207,3 +217,11 @@ def test_mixtral_active_parameters_count_only_the_routed_experts_adapters():
     experts = sum(c.count for c in result.components if "MoE experts" in c.name)
     assert experts == 45_097_156_608 + 134_217_728 + 37_748_736
     assert result.active_params == result.total_params - experts * 6 // 8
+
+
+def test_quantized_mixtral_keeps_its_fused_experts_unquantized_and_says_so():
+    # bitsandbytes replaces nn.Linear only (a real QLoRA step agrees: test_real_steps above and paramcalc train)
+    result = paramcalc.count("mixtral-8x7b", task="causal-lm", quant="nf4")
+    experts = result.component("MoE experts (mlp.experts)")
+    assert experts.weight_bytes == experts.count * 4  # fp32, as loaded without a dtype
+    assert any("fused experts stay in the load dtype" in note for note in result.all_notes())

@@ -92,6 +92,12 @@ class Family:
     # down_proj(act(gate_proj(x)) * up_proj(x)))
     temporaries: tuple[str, ...] = ()
 
+    @property
+    def prefix_token_dim(self) -> str:
+        """The width of one layer's prefix keys (or values) as peft sizes prefix tuning: its token_dim, which for a
+        grouped-query model it sets to head_dim * num_key_value_heads (``[peft] prefix_token_dim``)."""
+        return self.peft.get("prefix_token_dim", self.peft["token_dim"])
+
     def known_keys(self) -> dict:
         """Every config key this family reads, with its default (None when it has none)."""
         switches = dict.fromkeys(k for m in self.modules for k in (*m.when, *m.unless)) | dict.fromkeys(self.unsupported)

@@ -86,9 +86,8 @@ def check_prefix(result, family, step) -> None:
 
 
 def prefix_dim(family, values: dict) -> int:
-    """The width of one layer's prefix keys (or values): peft's token_dim, which for a grouped-query model it sets
-    to head_dim * num_key_value_heads (the family's ``prefix_token_dim``)."""
-    return expr.evaluate(family.peft.get("prefix_token_dim", family.peft["token_dim"]), values)
+    """The width of one layer's prefix keys (or values), evaluated (``Family.prefix_token_dim``)."""
+    return expr.evaluate(family.prefix_token_dim, values)
 
 
 def encoder_flops(result, values: dict, family, methods=("ptuning", "prefix")) -> int:

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from . import expr
 from .errors import ParamcalcError
-from .inference_walk import Pass, cached_cores, kv_heads, run
+from .attention import kv_heads
+from .inference_walk import Pass, cached_cores, run
 
 KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 DTYPES = ("fp32", "fp16", "bf16")

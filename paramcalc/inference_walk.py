@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import expr, masks
+from .attention import kv_heads
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
 from .ledger import Ledger, Value
 from .memory import DTYPE_BYTES
@@ -79,11 +80,6 @@ def cached_cores(result, family) -> list[tuple[int, dict]]:
     """(index, core) of each attention core of the task's parts whose keys and values the cache keeps."""
     parts = family.tasks[result.task].parts
     return [(i, core) for i, core in enumerate(family.attention) if core["part"] in parts and core.get("kv_cache")]
-
-
-def kv_heads(core: dict, values: dict) -> int:
-    """The key/value heads of a core: ``kv_heads`` (grouped-query attention) or, absent, its query heads."""
-    return expr.evaluate(core.get("kv_heads", core["heads"]), values)
 
 
 def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:

@@ -210,7 +210,7 @@ def plan(result, step: Step, device: str | None = None, device_mem: str | None =
     notes = [attention_note(step, result)]
     step = resolve_attention(step, result)
     notes += filter(None, [runs_note(step, result, chosen.kind)])
-    if result.generic or not replayable(result):
+    if not replayable(result):
         states, at_peak, phases, flops, why = _traced(result, step, chosen)
         notes.append(why)
         if step.grad_accum > 1:

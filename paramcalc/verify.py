@@ -134,14 +134,18 @@ def _peft_wrapper(model) -> str:
     return "base_model.model." if type(base).__module__.startswith("peft.") else "base_model."
 
 
-def peft_free_name(name: str, wrapper: str = "base_model.model.") -> str:
+def peft_free_name(name: str, wrapper: str | None = None) -> str:
     """A peft-wrapped parameter's name as paramcalc's rows spell it.
 
-    ``base_model.model.x.query.base_layer.weight`` -> ``x.query.weight`` (``wrapper``: see ``_peft_wrapper``);
+    ``base_model.model.x.query.base_layer.weight`` -> ``x.query.weight``; ``wrapper`` is what the model puts in
+    front (``_peft_wrapper``), or, unknown, whichever of ``base_model.model.`` and ``base_model.`` the name has
+    (ambiguous only for prompt learning on a model whose own prefix is ``model.``);
     ``classifier.original_module.weight`` -> ``classifier.weight`` (the frozen original of a saved module).
     """
-    if wrapper and name.startswith(wrapper):
-        name = name[len(wrapper):]
+    for prefix in (wrapper,) if wrapper is not None else ("base_model.model.", "base_model."):
+        if prefix and name.startswith(prefix):
+            name = name[len(prefix):]
+            break
     # peft nests one lora.ParamWrapper per adapted parameter of a module (Mixtral's fused experts: gate_up_proj's
     # inside down_proj's): the base weights lose every base_layer (experts.base_layer.base_layer.gate_up_proj ->
     # experts.gate_up_proj), an inner wrapper's own A and B keep theirs (experts.base_layer.lora_A.default.weight)

@@ -58,8 +58,7 @@ class Options:
 def apply(result, options: Options) -> PeftSummary:
     family = require_family(result, "--lora")
     # what peft itself cannot do with this family, or does in a way not modelled yet (family file, [peft])
-    refusal = family.peft.get("lora_all_linear_refused" if options.all_linear else
-                              "lora_default_refused" if not options.targets and not options.parameters else "")
+    refusal = family.peft.get("lora_default_refused") if not options.targets and not options.parameters else None
     if refusal:
         raise ParamcalcError(f"--lora: {refusal}")
     renamed = family.peft.get("lora_renamed_targets", {})

@@ -31,9 +31,9 @@ class Options:
 
 def apply(result, options: Options) -> PeftSummary:
     family, copies = prompt_learning_setup(result, "--prefix")
-    # peft sizes a grouped-query model's prefix by its K/V width (token_dim = head_dim * num_key_value_heads,
-    # peft/utils/other.py, _prepare_prompt_learning_config): the family's prefix_token_dim
-    dim, layers = family.peft.get("prefix_token_dim", family.peft["token_dim"]), family.peft["num_layers"]
+    # peft sizes a grouped-query model's prefix by its K/V width (peft/utils/other.py,
+    # _prepare_prompt_learning_config)
+    dim, layers = family.prefix_token_dim, family.peft["num_layers"]
     result.add_symbol("n_v", "virtual tokens", options.tokens, "prefix length")
     kv = f"2*{layers}*{dim}"  # a key and a value per layer
     base = "prompt_encoder.default"

@@ -107,11 +107,18 @@ def _cpu_fused_attention_formulas():
     backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     # custom_mapping functions receive shapes (FlopCounterMode wraps them), like torch's own formulas
     if forward is not None:
-        mapping[forward] = lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v)
+        mapping[forward] = lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(
+            q, *_query_heads(q, k, v))
     if backward is not None:
         mapping[backward] = lambda grad, q, k, v, *args, out_shape=None, **kwargs: (
-            flop_counter.sdpa_backward_flop_count(grad, q, k, v))
+            flop_counter.sdpa_backward_flop_count(grad, q, *_query_heads(q, k, v)))
     return mapping
+
+
+def _query_heads(q, k, v):
+    """Grouped-query attention (sdpa's enable_gqa) reads each K/V head for several query heads: the work is that
+    of K and V repeated to the query's heads, which torch's formulas (equal heads only) then count."""
+    return [(*shape[:-3], q[-3], *shape[-2:]) for shape in (k, v)]
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:

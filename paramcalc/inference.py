@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from . import expr
 from .errors import ParamcalcError
 from .attention import kv_heads
+from .inference_cache import kept, processors, windows
 from .inference_walk import Pass, cached_cores, run
 
 KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -152,10 +153,15 @@ def kv_cache(result, family, inference: Inference, tokens: int | None = None) ->
     for _, core in cached_cores(result, family):
         layers = expr.evaluate(core.get("repeat", "1"), values)
         heads, dim = kv_heads(core, values), expr.evaluate(core["head_dim"], values)
-        total += 2 * layers * inference.batch * tokens * heads * dim * width
-        symbolic.append(f"2 x {core.get('repeat', '1')} x b x tokens x {core.get('kv_heads', core['heads'])} x "
-                        f"{core['head_dim']} x bytes")
-        numbers.append(f"2 x {layers} x {inference.batch} x {tokens:,} x {heads} x {dim} x {width}")
+        # a sliding-window layer keeps at most its window (inference_cache.kept): layers grouped by what they keep
+        positions = [kept(window, inference.context, tokens) for window in windows(result, layers)]
+        for held in sorted(set(positions), reverse=True):
+            count = positions.count(held)
+            total += 2 * count * inference.batch * held * heads * dim * width
+            symbolic.append(f"2 x {core.get('repeat', '1') if count == layers else count} x b x "
+                            f"{'tokens' if held == tokens else 'window'} x {core.get('kv_heads', core['heads'])} x "
+                            f"{core['head_dim']} x bytes")
+            numbers.append(f"2 x {count} x {inference.batch} x {held:,} x {heads} x {dim} x {width}")
     return total, f"{' + '.join(symbolic)} = {' + '.join(numbers)}"
 
 
@@ -185,7 +191,7 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     overhead = CUDA_OVERHEAD if chosen.kind == "cuda" else 0
     vocab = result.values["V"]
     first = Pass(inference.batch, inference.context, 0, width, kv_width, inference.attention, vocab, inference.context,
-                 device=chosen.kind)
+                 processors(result), chosen.kind)
     last = replace(first, tokens=1, past=inference.cached_tokens - 1)  # the last decode step, over the full cache
     replayed = all(family.flow.get(part) for part in family.tasks[result.task].parts)
     if replayed:

@@ -12,15 +12,21 @@ transformers 5.24):
 - GPT-2's tanh GELU (``gelu_new``, written out in Python) three input-sized temporaries at its widest, BLOOM's
   ``bloom_gelu`` four (``ops.ACTIVATION_FORWARD_SCRATCH``);
 - the cache: ``DynamicLayer.update`` concatenates the new keys (then values) onto the cached ones, so each is a
-  new contiguous tensor, and the old one is freed only once the new one exists;
+  new contiguous tensor, and the old one is freed only once the new one exists; a sliding-window layer frees the old
+  keys and values only once both new ones exist, and keeps a window of positions (``paramcalc.inference_cache``).
+  The attention rebinds its ``key_states, value_states`` to what the update returns, so the projected (and rotated)
+  keys and values die there, before the kernel runs (Llama's ``LlamaAttention.forward``);
 - sdpa (no dropout in eval: the fused kernel) its output and a log-sum-exp per row; eager attention the
   ``b x heads x q x k`` scores, the mask added to them, the softmax (fp32 where the family asks) and its cast
-  back, all alive until the attention returns where the family says so (``scores_held``);
+  back, all alive until the attention returns where the family says so (``scores_held``); grouped-query eager
+  attention (``eager_attention_forward``) copies the keys and values to every query head (``repeat_kv``), locals
+  freed as it returns, before the output projection;
 - the LM head only the last position (generate passes ``logits_to_keep=1``).
 
 Then the greedy pick (``GenerationMixin._sample``): the last logits copied to fp32, the logits processors that
-``min_new_tokens`` adds (``MinLengthLogitsProcessor`` and ``MinNewTokensLengthLogitsProcessor``: each clones the
-``b x V`` scores, builds a ``V`` int64 range and its eos mask and a masked copy), argmax, and the attention mask
+``min_new_tokens`` adds when the model has an end-of-sequence token (``MinLengthLogitsProcessor`` and
+``MinNewTokensLengthLogitsProcessor``: each clones the ``b x V`` scores, builds a ``V`` int64 range and its eos mask
+and a masked copy), argmax, and the attention mask
 and token ids grown by one (``torch.cat``: a new tensor each).
 
 Torch-free: the analytic path.
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 
 from . import expr, masks
 from .attention import kv_heads
+from .inference_cache import PROCESSORS, kept, visible, windows
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
 from .ledger import Ledger, Value
 from .memory import DTYPE_BYTES
@@ -45,7 +52,6 @@ INT64 = 8  # token ids, attention masks, positions: int64
 # positions (apply_rotary_pos_emb, on q or k) hold x * cos, rotate_half(x) (a torch.cat) and rotate_half(x) * sin.
 FORWARD_SCRATCH = {"gelu_new": 3, "rotary": 3, **ACTIVATION_FORWARD_SCRATCH}
 MADE = ("mask", "rotary")  # the forward tensors inference makes (lookups and zeros: T5's, not decoder-only models')
-PROCESSORS = 2  # what min_new_tokens turns on: MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class Pass:
     attention: str  # eager | sdpa | flash (resolved)
     vocab: int
     prompt: int  # the prompt's length (the caller's input_ids)
-    processors: int = PROCESSORS
+    processors: int = PROCESSORS  # inference_cache.processors: none without an end-of-sequence token
     device: str = "cpu"  # cpu | cuda: softmax(..., dtype=float32) copies a half input to fp32 first on a CPU
 
     @property
@@ -92,13 +98,17 @@ def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:
         ledger.new(b * p.prompt * INT64, "inputs")
     # generate's own attention mask and input_ids, grown by torch.cat after each step (the prefill reads the caller's)
     mask, ids = ([ledger.new(b * keys * INT64, "inputs") for _ in "mi"] if p.past else [None, None])
-    previous = [ledger.new(b * p.vocab * 4, "activations") for _ in range(2)] if p.past else []  # last pick's scores
+    # the last pick's fp32 logits and processed scores (one tensor without processors)
+    previous = [ledger.new(b * p.vocab * 4, "activations") for _ in range(min(p.processors, 1) + 1)] if p.past else []
     values = {**result.values, "b": b, "s": q}
-    cache: dict[tuple[int, int], list[int]] = {}  # (core, layer) -> its keys' and values' allocations
+    cache: dict[tuple[int, int], tuple[int | None, list[int]]] = {}  # (core, layer) -> window, keys and values
     for index, core in cached_cores(result, family):
-        for layer in range(expr.evaluate(core.get("repeat", "1"), values)):
-            elements = b * kv_heads(core, values) * p.past * expr.evaluate(core["head_dim"], values)
-            cache[index, layer] = [ledger.new(elements * p.kv_width, "kv_cache") for _ in "kv"] if p.past else []
+        layers = expr.evaluate(core.get("repeat", "1"), values)
+        for layer, window in enumerate(windows(result, layers)):
+            positions = kept(window, p.prompt, p.past)
+            elements = b * kv_heads(core, values) * positions * expr.evaluate(core["head_dim"], values)
+            cache[index, layer] = window, [ledger.new(elements * p.kv_width, "kv_cache") for _ in "kv"] if p.past \
+                else []
     positions = ledger.new(b * q * INT64, "inputs")  # prepare_inputs_for_generation: position_ids
     logits = _Walk(result, family, p, ledger, values, cache, quant).forward()
     ledger.drop(positions)
@@ -204,7 +214,7 @@ class _Walk:
             out = self.new(inputs[0].elements, inputs[0].width)
         elif name.startswith("attention core"):
             index = int(name.rsplit(" ", 1)[-1]) - 1
-            out = self.attention(index, self.family.attention[index], inputs)
+            out = self.attention(index, self.family.attention[index], inputs, names)
         else:
             module = self.modules.get(name.removesuffix(" [tied]"))
             if module is None:  # a row this config does not have
@@ -251,20 +261,18 @@ class _Walk:
             return new(module.tokens * module.fan_out, width)
         return new(x.elements, x.width)
 
-    def attention(self, index: int, core: dict, inputs: list[Value]) -> Value:
-        """The cache update of one layer, then the attention kernel over every cached position."""
+    def attention(self, index: int, core: dict, inputs: list[Value], names: list[str]) -> Value:
+        """The cache update of one layer, then the attention kernel over the positions the cache returns."""
         p, values, new, ledger = self.p, self.values, self.new, self.ledger
         b, q, k = p.batch, p.tokens, p.keys
         heads, dim = expr.evaluate(core["heads"], values), expr.evaluate(core["head_dim"], values)
         kv = kv_heads(core, values)
         width = p.width
-        entry = self.cache.get((index, self.layer))
-        if entry is not None:  # torch.cat(cached, new), keys then values: a new tensor, the old one freed after it
-            per_position = b * kv * dim * p.kv_width
-            for _ in "kv":
-                entry.append(ledger.new(per_position * q, "kv_cache"))  # the cache grows by q positions...
-                if p.past:  # ...and the old tensor is a copy alive until the new one exists
-                    ledger.drop(ledger.new(per_position * p.past, "transient"))
+        if (index, self.layer) in self.cache:
+            k = self._update(self.cache[index, self.layer], b * kv * dim * p.kv_width)
+            if len(set(names)) == 3:  # key_states, value_states = cache.update(...): the rotated k and v die
+                for name in names[1:]:  # (a fused projection's q, k and v are views of one tensor q keeps)
+                    forget(self.streams, name, ledger)
         extras = masks.read_by(core, self.streams)
         if p.attention != "eager":  # sdpa without dropout: the fused kernel (no mask: generate's is all ones)
             out = new(b * q * heads * dim, width)
@@ -273,8 +281,8 @@ class _Walk:
         held = []  # what the attention's locals hold until it returns
         if core.get("fused_qkv") and b > 1 and q > 1:  # q out of the fused projection: reshape copies it
             held.append(new(b * q * heads * dim, width).tid)
-        if kv != heads:  # repeat_kv: keys and values expanded to every query head
-            held += [new(b * heads * k * dim, width).tid for _ in "kv"]
+        # repeat_kv: keys and values copied to every query head, eager_attention_forward's locals (freed as it returns)
+        copies = [new(b * heads * k * dim, width).tid for _ in "kv"] if kv != heads else []
         scores = new(b * heads * q * k, width)  # q @ k^T (BLOOM: baddbmm onto ALiBi)
         for role in masks.ROLES:
             if role in extras:
@@ -296,11 +304,34 @@ class _Walk:
         context = new(b * heads * q * dim, width)  # probs @ v
         out = new(b * q * heads * dim, width)  # heads merged back: a contiguous copy
         ledger.drop(context.tid)
+        release(copies, ledger)
         # the attention weights it returns: the layer holds them until it returns, or (BLOOM) the model until the
         # next layer returns
         (self.returned if core.get("weights_held") == "next block" else self.block).append(probs.tid)
         self.scope.extend(held)  # freed when the attention returns (the flow's next "|")
         return out
+
+
+    def _update(self, entry: tuple[int | None, list[int]], per_position: int) -> int:
+        """``cache.update`` of one layer: torch.cat(cached, new) for the keys, then the values, each a new tensor; a
+        full layer frees its old keys once the new keys exist, a sliding one its old keys and values once both new
+        ones do. The old tensors turn transient as the new ones are made; returns the keys the kernel attends to."""
+        window, tids = entry
+        p, ledger = self.p, self.ledger
+        old = []
+        for tid in tids:
+            size = ledger.size[tid][0]
+            ledger.drop(tid)
+            old.append(ledger.new(size, "transient"))
+        keys = visible(window, p.past) + p.tokens
+        tids[:] = []
+        for i in range(2):
+            tids.append(ledger.new(per_position * keys, "kv_cache"))
+            if window is None and old:
+                ledger.drop(old[i])
+        if window is not None:
+            release(old, ledger)
+        return keys
 
 
 def _made_elements(spec: dict, values: dict, p: Pass) -> int:
@@ -336,8 +367,8 @@ def _pick(ledger, p: Pass, logits: Value, mask: int | None, ids: int | None, pre
         if before != scores:
             ledger.drop(before)  # the previous processor's output, once the next has run
         before = masked
-    if previous:
-        ledger.drop(previous[1])  # the last step's processed scores, rebound
+    for tid in previous[1:]:
+        ledger.drop(tid)  # the last step's processed scores, rebound
     ledger.drop(ledger.new(b * INT64, "transient"))  # argmax
     ledger.new(b * (p.keys + 1) * INT64, "inputs")  # torch.cat([input_ids, next_tokens])
     if ids is not None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from . import expr
 from .errors import ParamcalcError
 from .attention import kv_heads
-from .inference_cache import kept, processors, windows
+from .inference_cache import kept, processors, takes_positions, windows
 from .inference_walk import Pass, cached_cores, run
 
 KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -191,7 +191,7 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     overhead = CUDA_OVERHEAD if chosen.kind == "cuda" else 0
     vocab = result.values["V"]
     first = Pass(inference.batch, inference.context, 0, width, kv_width, inference.attention, vocab, inference.context,
-                 processors(result), chosen.kind)
+                 processors(result), chosen.kind, takes_positions(result), _threads(chosen))
     last = replace(first, tokens=1, past=inference.cached_tokens - 1)  # the last decode step, over the full cache
     replayed = all(family.flow.get(part) for part in family.tasks[result.task].parts)
     if replayed:
@@ -235,6 +235,20 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
         notes.append("on a GPU: activations as measured on a CPU (sdpa fused there too; eager's fp32 softmax "
                      "without a copy of its input); not yet checked against a GPU run")
     return InferencePlan(inference, weights, total, formula, prefill, decode, chosen, formulas, notes)
+
+
+def _threads(chosen) -> int:
+    """torch's intra-op threads on a CPU (its fused attention allocates scratch per thread): a calibrated profile's,
+    else OMP_NUM_THREADS, else the CPUs this process may use (torch's default where a core runs one thread)."""
+    import os
+
+    saved = (chosen.calibrated or {}).get("threads")
+    if isinstance(saved, int) and saved > 0:
+        return saved
+    told = os.environ.get("OMP_NUM_THREADS", "")
+    if told.isdigit() and int(told) > 0:
+        return int(told)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _at_peak(ledger, overhead: int) -> dict:

@@ -12,7 +12,7 @@ any other a ``DynamicLayer``. The two grow differently (``cache_utils.py``):
   (the whole new tensor stays allocated), and the next step concatenates onto that view. So after the prefill the
   layer's storage is the prompt's length, and after each decode step ``min(cached positions, window - 1) + 1``.
 
-``generate`` adds ``MinLengthLogitsProcessor`` and ``MinNewTokensLengthLogitsProcessor`` (``min_new_tokens``) only
+Position ids are made only for a model whose forward takes them. ``generate`` adds ``MinLengthLogitsProcessor`` and ``MinNewTokensLengthLogitsProcessor`` (``min_new_tokens``) only
 when the generation config has an end-of-sequence token (``generation/utils.py: _get_logits_processor``: both ask
 for ``_eos_token_tensor``); without one the scores are the fp32 copy of the logits itself.
 
@@ -33,6 +33,8 @@ CONFIG_DEFAULTS = {
     "mixtral": {"eos_token_id": 2, "sliding_window": None},
 }
 PROCESSORS = 2  # what min_new_tokens turns on: MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+# families whose causal LM's forward takes no position_ids (BloomForCausalLM: ALiBi), so generate makes none
+NO_POSITION_IDS = {"bloom"}
 
 
 def _config(result) -> dict:
@@ -42,6 +44,12 @@ def _config(result) -> dict:
 def processors(result) -> int:
     """The logits processors generate runs: two with an end-of-sequence token, none without."""
     return PROCESSORS if _config(result).get("eos_token_id") is not None else 0
+
+
+def takes_positions(result) -> bool:
+    """Whether generate makes position ids for the model (``_prepare_position_ids_for_generation``: when its forward
+    takes them)."""
+    return result.family not in NO_POSITION_IDS
 
 
 def windows(result, layers: int) -> list[int | None]:

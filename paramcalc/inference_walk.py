@@ -34,7 +34,7 @@ Torch-free: the analytic path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import expr, masks
 from .attention import kv_heads
@@ -68,6 +68,8 @@ class Pass:
     prompt: int  # the prompt's length (the caller's input_ids)
     processors: int = PROCESSORS  # inference_cache.processors: none without an end-of-sequence token
     device: str = "cpu"  # cpu | cuda: softmax(..., dtype=float32) copies a half input to fp32 first on a CPU
+    positions: bool = True  # the model's forward takes position_ids (inference_cache.takes_positions)
+    threads: int = 1  # torch's intra-op threads on a CPU: its fused attention's scratch is per thread
 
     @property
     def keys(self) -> int:
@@ -96,8 +98,14 @@ def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:
     b, q, keys = p.batch, p.tokens, p.keys
     for _ in ("input_ids", "attention_mask"):  # the caller's (a tokenizer's, without padding), alive throughout
         ledger.new(b * p.prompt * INT64, "inputs")
-    # generate's own attention mask and input_ids, grown by torch.cat after each step (the prefill reads the caller's)
-    mask, ids = ([ledger.new(b * keys * INT64, "inputs") for _ in "mi"] if p.past else [None, None])
+    # generate drops an all-ones attention mask (model_kwargs["attention_mask"] = None); a model whose forward takes
+    # position ids gets them from it (cumsum - 1), and generate's own model_kwargs keeps that first b x prompt tensor
+    # to the end, while _sample's copy of model_kwargs grows by torch.cat after each step, as input_ids do (the
+    # prefill reads the caller's input_ids)
+    if p.positions:
+        ledger.new(b * p.prompt * INT64, "inputs")
+    grown, ids = ([ledger.new(b * keys * INT64, "inputs") if p.positions else None,
+                   ledger.new(b * keys * INT64, "inputs")] if p.past else [None, None])
     # the last pick's fp32 logits and processed scores (one tensor without processors)
     previous = [ledger.new(b * p.vocab * 4, "activations") for _ in range(min(p.processors, 1) + 1)] if p.past else []
     values = {**result.values, "b": b, "s": q}
@@ -109,10 +117,13 @@ def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:
             elements = b * kv_heads(core, values) * positions * expr.evaluate(core["head_dim"], values)
             cache[index, layer] = window, [ledger.new(elements * p.kv_width, "kv_cache") for _ in "kv"] if p.past \
                 else []
-    positions = ledger.new(b * q * INT64, "inputs")  # prepare_inputs_for_generation: position_ids
+    # prepare_inputs_for_generation: input_ids[:, -q:].clone(), and the position ids' last q cloned (the prefill's
+    # are generate's own); the prefill's die as _prefill returns, a decode step's at the next step
+    model_inputs = [ledger.new(b * q * INT64, "inputs") for _ in range(1 + (p.positions and p.past > 0))]
     logits = _Walk(result, family, p, ledger, values, cache, quant).forward()
-    ledger.drop(positions)
-    _pick(ledger, p, logits, mask, ids, previous)
+    if not p.past:
+        release(model_inputs, ledger)
+    _pick(ledger, p, logits, grown, ids, previous)
     return ledger
 
 
@@ -131,6 +142,9 @@ class _Walk:
             elif name in head:
                 module.tokens = p.batch  # logits_to_keep=1: the last position only
         self.quant = quant
+        # the model's sliding window (its mask is made once for every sliding layer), or None
+        self.window = next((w for i, core in cached_cores(result, family)
+                            for w in windows(result, expr.evaluate(core.get("repeat", "1"), values)) if w), None)
         self.quantized = {_base_name(name) for name in quant.quantized} if quant else set()
         self.streams: dict[str, Value] = {}
         self.scope: list[int] = []  # what the running function's locals hold until it returns ("|")
@@ -152,8 +166,8 @@ class _Walk:
         for part in self.parts:
             ops = flow.get(part, [])
             for spec in self.family.forward_tensors:  # masks, biases, rotary tables: made once for the part's layers
-                if spec["part"] == part and masks.made_for(spec, self.p.attention) and spec["made"] in MADE:
-                    streams[spec["name"]] = self.new(_made_elements(spec, self.values, self.p), self.p.width)
+                if spec["part"] == part and masks.made_for(spec, self.p.attention) and self._makes(spec):
+                    streams[spec["name"]] = self._make(spec)
             for self.layer in range(_layers(self.result, part)):
                 written: set[str] = set()
                 arguments = [ledger.hold(streams[n].tid) for n in reads(ops) if n in streams]
@@ -215,6 +229,8 @@ class _Walk:
         elif name.startswith("attention core"):
             index = int(name.rsplit(" ", 1)[-1]) - 1
             out = self.attention(index, self.family.attention[index], inputs, names)
+        elif name.startswith("mixture of experts"):
+            out = self.experts(name, inputs[0])
         else:
             module = self.modules.get(name.removesuffix(" [tied]"))
             if module is None:  # a row this config does not have
@@ -274,9 +290,24 @@ class _Walk:
                 for name in names[1:]:  # (a fused projection's q, k and v are views of one tensor q keeps)
                     forget(self.streams, name, ledger)
         extras = masks.read_by(core, self.streams)
-        if p.attention != "eager":  # sdpa without dropout: the fused kernel (no mask: generate's is all ones)
+        if p.attention != "eager":  # sdpa without dropout: the fused kernel
+            # generate's mask is all ones: sdpa gets none (is_causal), but for a sliding window its keys reach; that
+            # boolean mask sdpa turns into a float b x 1 x q x k one in the query's dtype. sdpa_attention_forward
+            # hands grouped K/V heads to torch as they are without a mask (enable_gqa); with one it folds a single
+            # query's heads onto them (pack_gqa: a view) or repeat_kv copies k and v to every query head
+            rows, made = q, []
+            if kv != heads and ("mask" in extras or dim > 256):
+                if q == 1:
+                    rows = heads // kv
+                else:
+                    made = [new(b * heads * k * dim, width).tid for _ in "kv"]
+            if "mask" in extras:
+                made.append(new(b * q * k, width).tid)
             out = new(b * q * heads * dim, width)
             ledger.drop(ledger.new(b * heads * q * 4, "transient"))  # the log-sum-exp of each row, fp32
+            if p.device == "cpu":
+                ledger.drop(ledger.new(flash_scratch(rows, k, dim, width, p.threads), "transient"))
+            release(made, ledger)
             return out  # written as [b, q, heads, d]: merging the heads is a view
         held = []  # what the attention's locals hold until it returns
         if core.get("fused_qkv") and b > 1 and q > 1:  # q out of the fused projection: reshape copies it
@@ -312,6 +343,39 @@ class _Walk:
         return out
 
 
+    def experts(self, name: str, x: Value) -> Value:
+        """A mixture of experts (Mixtral's), replayed by ``paramcalc.moe`` over b x q tokens with nothing needing a
+        gradient and no weight training: no autograd node keeps anything, and what it makes dies as in eval."""
+        from types import SimpleNamespace
+
+        from . import moe
+        from .ledger import Record
+
+        spec = moe.spec_of(self.family, name)
+        modules = {row: replace(self.modules[row], weight_trains=False, lora_rank=0, lora_params={})
+                   for row in (spec["router"], spec["experts"])}
+        ctx = SimpleNamespace(values=self.values, modules=modules, grads={}, layer=self.layer, master=self.p.width,
+                              compute=self.p.width, autocast=False, stop=False, checkpointed=False)
+        return moe.replay(spec, x, self.ledger, ctx, lambda elements, width, grad=False: self.new(elements, width),
+                          Record([], None, [], [], []), [])
+
+    def _makes(self, spec: dict) -> bool:
+        """Whether the model makes a forward tensor this pass: a sliding-window mask for sdpa only once the keys
+        reach the window (below it sdpa is told is_causal; masking_utils._ignore_causal_mask_sdpa)."""
+        if spec["made"] == "sliding":
+            return self.window is not None and visible(self.window, self.p.past) + self.p.tokens >= self.window
+        return spec["made"] in MADE
+
+    def _make(self, spec: dict) -> Value:
+        """A forward tensor over the keys the layers see (a window's worth, once the cache slides)."""
+        keys = self.p.tokens + (self.p.past if self.window is None else visible(self.window, self.p.past))
+        elements = _made_elements(spec, self.values, replace(self.p, past=keys - self.p.tokens))
+        if spec["dtype"] != "bool":
+            return self.new(elements, self.p.width)
+        # the sliding mask: causal and within the window, each a q x k boolean and'ed in (three at once at its widest)
+        self.ledger.drop(self.ledger.new(2 * elements, "transient"))
+        return self.new(elements, 1)
+
     def _update(self, entry: tuple[int | None, list[int]], per_position: int) -> int:
         """``cache.update`` of one layer: torch.cat(cached, new) for the keys, then the values, each a new tensor; a
         full layer frees its old keys once the new keys exist, a sliding one its old keys and values once both new
@@ -334,6 +398,16 @@ class _Walk:
         return keys
 
 
+def flash_scratch(q: int, k: int, dim: int, width: int, threads: int) -> int:
+    """What torch's fused CPU attention (``_scaled_dot_product_flash_attention_cpu``, torch 2.13) allocates while it
+    runs: per thread a block of q x k scores (query blocks of 32 rows, 64 from 192 queries, 256 from 768; key blocks
+    of 512), its row maxima and sums and a block of output, in fp32, and a half-precision copy of the block of scores
+    for a half input (measured byte for byte, fp32 and bf16)."""
+    rows = min(q, 256 if q >= 768 else 64 if q >= 192 else 32)
+    columns = min(k, 512)
+    return threads * ((rows * columns + 2 * rows + rows * dim) * 4 + (rows * columns * width if width != 4 else 0))
+
+
 def _made_elements(spec: dict, values: dict, p: Pass) -> int:
     """A forward tensor's elements for q new positions over k keys; the family file writes them for a training step
     (q = k = s). A quadratic mask (``b*s*s``: the causal mask, b x 1 x q x k) is q x k, any other mask (ALiBi,
@@ -346,13 +420,14 @@ def _made_elements(spec: dict, values: dict, p: Pass) -> int:
     return elements // p.keys * p.tokens if "s*s" in text else elements
 
 
-def _pick(ledger, p: Pass, logits: Value, mask: int | None, ids: int | None, previous: list[int]) -> None:
-    """generate's greedy pick after the forward: the attention mask grown by one, the last logits copied to fp32,
+def _pick(ledger, p: Pass, logits: Value, grown: int | None, ids: int | None, previous: list[int]) -> None:
+    """generate's greedy pick after the forward: the position ids grown by one, the last logits copied to fp32,
     the logits processors, argmax, the token ids grown by one; then the logits die (``del outputs``)."""
     b, vocab = p.batch, p.vocab
-    ledger.new(b * (p.keys + 1) * INT64, "inputs")  # _update_model_kwargs_for_generation: torch.cat
-    if mask is not None:
-        ledger.drop(mask)
+    if p.positions:
+        ledger.new(b * (p.keys + 1) * INT64, "inputs")  # _update_model_kwargs_for_generation: torch.cat
+    if grown is not None:
+        ledger.drop(grown)
     scores = ledger.new(b * vocab * 4, "activations")  # logits[:, -1].to(copy=True, dtype=float32)
     if previous:
         ledger.drop(previous[0])  # the last step's copy, rebound

@@ -181,9 +181,10 @@ def test_bad_input_is_one_line_and_exit_2(args, says):
     assert says in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_mixtral_kv_cache_is_exact_and_its_peaks_a_lower_bound():
-    """Mixtral's file describes its attention (inherited) but not yet its MoE flow: the cache is exact, the
-    peaks are weights + cache, said to be a lower bound, and a real generate() stays above them."""
+def test_mixtral_kv_cache_is_exact_and_its_peaks_replayed_or_a_lower_bound():
+    """Mixtral's KV cache is exact; where its family file describes the mixture of experts' flow the walk replays
+    it (paramcalc.moe over b x q tokens, nothing kept for backward) and is held to 5 %, else the peaks are weights +
+    cache, said to be a lower bound, and a real generate() stays above them."""
     from paramcalc.measure_inference import measure_generate
 
     config = {**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
@@ -191,8 +192,12 @@ def test_mixtral_kv_cache_is_exact_and_its_peaks_a_lower_bound():
     run = Inference(batch=2, context=48, new_tokens=3)
     planned, measured = infer(result, run), measure_generate(result, run)
     assert planned.kv_cache == measured.kv_cache
-    assert any("lower bound" in note for note in planned.notes)
-    assert planned.prefill["peak"] <= measured.peak_prefill and planned.decode["peak"] <= measured.peak_last_decode
+    for phase, real in (("prefill", measured.peak_prefill), ("decode", measured.peak_last_decode)):
+        predicted = getattr(planned, phase)["peak"]
+        if any("lower bound" in note for note in planned.notes):
+            assert predicted <= real
+        else:
+            assert abs(_relative(predicted - planned.weights, real - measured.weights)) <= TOLERANCE, (phase, real)
 
 
 def test_sliding_window_layers_keep_a_window():

@@ -25,7 +25,11 @@ import paramcalc
 from paramcalc.step import Step
 from paramcalc.train import TrainOptions, train
 
-# (model, task, method, quant, batch, seq, step options)
+# the grouped-query decoders at their released widths, fewer layers (4 of Mistral-7B's 32, 2 of Mixtral's 32) so
+# that a random-weight build on the CPU and a few steps take seconds
+MISTRAL_4 = {"num_hidden_layers": 4}
+MIXTRAL_2 = {"num_hidden_layers": 2}
+# (model, task, method, quant, batch, seq, step options[, config overrides])
 CASES = [
     ("bert-base-uncased", "seq-cls", None, None, 8, 128, {}),
     ("bert-base-uncased", "seq-cls", None, None, 8, 128, {"attention": "eager"}),
@@ -41,6 +45,15 @@ CASES = [
     ("bloom-560m", "causal-lm", None, None, 1, 128, {}),
     ("bloom-560m", "causal-lm", "lora:r=8", None, 2, 128, {"mixed_precision": "bf16"}),
     ("bloom-560m", "causal-lm", "lora:r=16", "nf4", 2, 128, {"mixed_precision": "bf16"}),
+    ("tinyllama-1.1b", "causal-lm", None, None, 4, 256, {}),
+    ("tinyllama-1.1b", "causal-lm", "lora:r=8", None, 4, 512, {"mixed_precision": "bf16"}),
+    ("tinyllama-1.1b", "causal-lm", "lora:r=16", "nf4", 4, 512, {"mixed_precision": "bf16"}),
+    ("qwen2-0.5b", "causal-lm", None, None, 4, 256, {}),
+    ("qwen2-0.5b", "causal-lm", "lora:r=8", None, 4, 512, {"mixed_precision": "bf16", "grad_checkpointing": True}),
+    ("mistral-7b", "causal-lm", "lora:r=8", None, 2, 512, {"mixed_precision": "bf16"}, MISTRAL_4),
+    ("mistral-7b", "causal-lm", "lora:r=16", "nf4", 2, 512, {"mixed_precision": "bf16"}, MISTRAL_4),
+    ("mixtral-8x7b", "causal-lm", "lora:r=8,targets=q_proj,v_proj", None, 2, 256, {"mixed_precision": "bf16"},
+     MIXTRAL_2),
 ]
 QUICK = [0, 2, 6, 9, 10]
 
@@ -55,14 +68,17 @@ def describe(method, quant, step: Step) -> str:
 
 
 def run_case(case, device: str) -> dict:
-    model, task, method, quant, batch, seq, extra = case
-    result = paramcalc.count(model, task=task, peft=method, quant=quant, formulas=False)
+    model, task, method, quant, batch, seq, extra, *overrides = case
+    overrides = overrides[0] if overrides else {}
+    result = paramcalc.count(model, task=task, peft=method, quant=quant, overrides=overrides, formulas=False)
     step = Step(batch=batch, seq=seq, **extra)
     started = time.perf_counter()
     report = train(result, step, TrainOptions(steps=4, warmup=1, device=device))
     document = report.to_dict()
     document["wall_s"] = time.perf_counter() - started
     document["label"] = describe(method, quant, step)
+    if overrides:
+        document["model"] += " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
     return document
 
 
@@ -88,8 +104,8 @@ HEADER = ("| model | method | batch x seq | precision | attention | predicted pe
 def main(argv: list[str]) -> None:
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
     cases = [CASES[i] for i in QUICK] if "--quick" in argv else CASES
-    if "--only" in argv:
-        cases = [c for c in cases if c[0] == argv[argv.index("--only") + 1]]
+    if "--only" in argv:  # one or more models, comma-separated
+        cases = [c for c in cases if c[0] in argv[argv.index("--only") + 1].split(",")]
     os.environ.setdefault("PARAMCALC_CACHE_DIR", tempfile.mkdtemp(prefix="paramcalc-validation-"))
     name = device
     if device == "cpu":

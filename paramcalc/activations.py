@@ -89,7 +89,7 @@ def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False
     for method, options in result.peft_options:
         if method in ("prompt", "ptuning"):  # soft prompts are prepended to the tokens
             values["s"] += options.tokens
-    states = model_states(result, step)
+    states = model_states(result, step, device)
     dtype = weights_dtype(result, step)  # under --quant, the dtype the unquantized weights were loaded in
     flow, hooks = replay_methods.flow(result, family)  # the family's flow, with the ops PEFT methods add
     ctx = _Context(step, values, result.config, replay_methods.modules(result, family, values), family,

@@ -135,6 +135,8 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
     return {"name": name, "kind": device, "device": _describe(torch, device),
             "fp32": rates["fp32"], "half": rates[half], "half_dtype": half, **{h: rates[h] for h in halves},
             "bandwidth": bandwidth, "memory": _memory(torch, device),
+            # sizes cuBLAS's workspaces in the memory plan (devices.cublas_workspaces)
+            **({"capability": "%d.%d" % torch.cuda.get_device_capability()} if device == "cuda" else {}),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "size": size,
             "copy_bytes": copy_bytes, "when": datetime.now().astimezone().isoformat(timespec="seconds"),
             # the per-op time model's inputs (new in profiles from this version; plan.py needs none of them)

@@ -112,20 +112,27 @@ def buffer_bytes(result) -> int:
     return total
 
 
-def model_states(result, step: Step) -> ModelStates:
+def model_states(result, step: Step, kind: str = "cpu") -> ModelStates:
+    """Weights, gradients and optimizer state of ``step`` on a device ``kind`` (cpu or cuda: torch's optimizers
+    update a GPU's tensors differently)."""
     tensors = parameter_tensors(result, weights_dtype(result, step))  # mixed precision keeps fp32 parameters
     trainable = [(numel, nbytes // max(numel, 1)) for _, numel, train, nbytes in tensors if train]
     weights = sum(nbytes for *_, nbytes in tensors) + buffer_bytes(result)
     gradients = sum(numel * size for numel, size in trainable)  # a gradient has its parameter's dtype
-    optimizer, transient = _optimizer_bytes(step.optimizer, trainable, result)
+    optimizer, transient = _optimizer_bytes(step.optimizer, trainable, result, kind)
     return ModelStates(weights, gradients, optimizer, transient)
 
 
-def _optimizer_bytes(name: str, trainable: list[tuple[int, int]], result) -> tuple[int, int]:
+def _optimizer_bytes(name: str, trainable: list[tuple[int, int]], result, kind: str = "cpu") -> tuple[int, int]:
     """(state bytes, transient bytes of the update) for (numel, bytes per element) trainable tensors."""
     state = sum(numel * size for numel, size in trainable)
     largest = max((numel * size for numel, size in trainable), default=0)
-    if name in ("adamw", "adam"):  # exp_avg + exp_avg_sq, a step counter per tensor
+    if name in ("adamw", "adam") and kind == "cuda":
+        # torch picks the foreach implementation for CUDA tensors (torch/optim/adam.py, _multi_tensor_adam):
+        # torch._foreach_sqrt(exp_avg_sqs) makes the denominators of every tensor at once, one state-sized list;
+        # its step counters stay on the CPU (they are device tensors only when capturable or fused)
+        return 2 * state, state
+    if name in ("adamw", "adam"):  # exp_avg + exp_avg_sq, a step counter per tensor; one tensor updated at a time
         return 2 * state + STEP_COUNTER_BYTES * len(trainable), 2 * largest
     if name == "sgd-momentum":  # one momentum buffer
         return state, 0

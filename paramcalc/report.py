@@ -215,8 +215,9 @@ def plan_table(step_plan, step, curve=None):
     table = Table(title=escape(title), title_justify="left")
     for column in ("memory", "formula", "bytes"):
         table.add_column(column, justify="right" if column == "bytes" else "left")
-    for term in ("weights", "gradients", "optimizer", "ddp_buckets", "activations", "transient", "overhead"):
-        if term in memory and (term != "ddp_buckets" or memory[term]):
+    for term in ("weights", "gradients", "optimizer", "ddp_buckets", "activations", "transient", "cublas_workspaces",
+                 "overhead"):
+        if term in memory and (term not in ("ddp_buckets", "cublas_workspaces") or memory[term]):
             table.add_row(term, escape(formulas.get(term, "")), _bytes(memory[term]))
     low, high = memory["band"]
     table.add_row(Text("peak", style="bold"), f"during {step_plan.phase_of_peak} (band {_bytes(low)} - {_bytes(high)})"

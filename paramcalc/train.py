@@ -161,8 +161,9 @@ def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[di
         step_plan = plan(result, step, device, device_mem, Parallel(processes) if processes > 1 else None)
     except ParamcalcError as exc:
         return None, [f"no prediction: {exc}"]
-    buckets = step_plan.memory.get("ddp_buckets", 0)  # alive through every phase
-    memory = {**step_plan.memory, "phases": {k: v + buckets for k, v in step_plan.phase_peaks.items()}}
+    # alive through every phase, beside the replayed tensors: DDP's buckets, cuBLAS's workspaces on a GPU
+    constant = step_plan.memory.get("ddp_buckets", 0) + step_plan.memory.get("cublas_workspaces", 0)
+    memory = {**step_plan.memory, "phases": {k: v + constant for k, v in step_plan.phase_peaks.items()}}
     throughput = step_plan.throughput or {}
     return {"memory": memory, "throughput": {k: throughput.get(k) for k in ("tokens_per_s", "step_s", "phases")},
             "flops": step_plan.flops, "device_memory": step_plan.profile.memory, "fits": step_plan.fits(),
@@ -188,7 +189,7 @@ def _plan_device(options: TrainOptions) -> tuple[str, str | None]:
         total = torch.cuda.get_device_properties(index).total_memory
     if (calibration_dir() / f"{name}.json").is_file():
         return name, options.device_mem
-    known = {"h100": "h100-80gb", "a100": "a100-80gb" if total > 50 * 2**30 else "a100-40gb", "l4": "l4",
+    known = {"h100": "h100-80gb", "h200": "h100-80gb", "a100": "a100-80gb" if total > 50 * 2**30 else "a100-40gb", "l4": "l4",
              "a10": "a10g", "t4": "t4"}
     profile = next((v for k, v in known.items() if k in name), "a100-80gb")
     return profile, options.device_mem or f"{total}B"
@@ -323,10 +324,17 @@ def _prepare(result, step, options: TrainOptions, make_optimizer, batches):
 
     from .runtime import build_model
 
-    if options.kind == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if options.kind == "cuda":
+        import gc
+
         import torch
 
-        torch.cuda.set_device(int(options.device.partition(":")[2] or 0))  # accelerate places on the current GPU
+        # the GPU's counters are absolute: let an earlier run's models in this process go first (peft's
+        # wrappers hold reference cycles that only the collector frees)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            torch.cuda.set_device(int(options.device.partition(":")[2] or 0))  # accelerate places on the current GPU
     try:
         accelerator = Accelerator(cpu=options.kind == "cpu", mixed_precision=step.mixed_precision or "no",
                                   gradient_accumulation_steps=step.grad_accum)

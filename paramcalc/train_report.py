@@ -64,7 +64,8 @@ def comparison_table(report):
         table.add_row("model before the first step", _bytes(loaded) if loaded else "—", _bytes(measured["loaded"]),
                       _percent(errors.get("loaded")))
     if measured.get("before") is not None:
-        states = sum(predicted.get(k, 0) for k in ("weights", "optimizer")) if predicted else None
+        states = (sum(predicted.get(k, 0) for k in ("weights", "optimizer", "ddp_buckets", "cublas_workspaces"))
+                  if predicted else None)
         table.add_row("alive before the step", _bytes(states) if states else "—", _bytes(measured["before"]),
                       _percent((states - measured["before"]) / measured["before"]) if states else "")
     throughput = (report.predicted or {}).get("throughput") or {}

@@ -221,7 +221,7 @@ def test_plan_json_has_every_term(cli):
     doc = json.loads(result.stdout)
     memory = doc["memory"]
     assert set(memory) == {"weights", "gradients", "optimizer", "ddp_buckets", "activations", "transient",
-                           "overhead", "peak", "band"}
+                           "cublas_workspaces", "overhead", "peak", "band"}
     assert memory["band"][0] < memory["peak"] < memory["band"][1]
     assert set(doc["flops"]) == {"forward", "backward", "optimizer", "total"}
     assert set(doc["throughput"]) >= {"tokens_per_s", "step_s", "profile"}

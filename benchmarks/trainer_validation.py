@@ -1,6 +1,6 @@
 """Predicted vs measured: real fine-tuning steps of the catalog models, judged by ``paramcalc train``.
 
-    python benchmarks/trainer_validation.py [--device cpu|cuda] [--quick] [--only NAME]
+    python benchmarks/trainer_validation.py [--device cpu|cuda [--calibrate]] [--quick] [--only NAME[,NAME]]
 
 Each row trains a catalog model (random weights) for a few real steps with ``paramcalc.train.train`` and
 compares the measured peak memory (CPU: allocator events; CUDA: max_memory_allocated) and tokens/s with
@@ -113,24 +113,34 @@ def main(argv: list[str]) -> None:
 
         save_profile(calibrate())  # the time prediction needs this CPU's rates
     else:
-        from paramcalc.calibrate import default_name
+        from paramcalc.calibrate import calibrate, default_name, save_profile
 
         name = default_name("cuda")
-    documents = []
+        if "--calibrate" in argv:  # time against this GPU's measured rates rather than its datasheet
+            save_profile(calibrate(device="cuda", quick=True))
+    documents, summary = [], "no row ran"
     print(HEADER, flush=True)
     for case in cases:
-        document = run_case(case, device)
-        documents.append(document)
-        print(row(document), flush=True)
+        try:
+            documents.append(run_case(case, device))
+        except Exception as exc:  # one row's failure (out of memory, a refusal) is reported; the others run
+            print(f"| {case[0]} | {case[2] or 'full'} | failed: {type(exc).__name__}: {str(exc)[:200]} |", flush=True)
+            continue
+        print(row(documents[-1]), flush=True)
+        summary = write(documents, name, device)  # after every row: a run cut short keeps what it measured
+    print(summary)
+
+
+def write(documents: list[dict], name: str, device: str) -> str:
     errors = [abs(d["error"]["peak"]) for d in documents if "peak" in d["error"]]
     summary = (f"peak memory: median |error| {100 * statistics.median(errors):.2f} %, largest "
-               f"{100 * max(errors):.2f} % over {len(errors)} runs")
-    print(summary)
+               f"{100 * max(errors):.2f} % over {len(errors)} runs") if errors else "no peak measured"
     folder = Path(__file__).parent / "results"
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(documents, indent=1) + "\n")
     table = "\n".join([HEADER, *(row(d) for d in documents), "", summary, ""])
     (folder / f"{name}.md").write_text(f"`python benchmarks/trainer_validation.py --device {device}`\n\n{table}")
+    return summary
 
 
 if __name__ == "__main__":

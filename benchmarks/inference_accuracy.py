@@ -5,8 +5,9 @@
 Each row builds the model with random weights, generates greedily (cache on, min_new_tokens = max_new_tokens, after
 one warm-up call) and measures it with torch's allocator events (``paramcalc.measure_inference``): the weights, the
 KV cache's tensors when generate returns, the peak of the prefill (up to the first new token) and of the last
-decode step. Rows: tiny GPT-2 and BLOOM in fp32 (both kernels GPT-2 has), bf16 and fp16, int8 and nf4 bases, then
-gpt2 and bloom-560m. Error is (predicted - measured) / measured; "beyond weights" is the same error of the peak less
+decode step. Rows: tiny GPT-2 and BLOOM in fp32 (both kernels GPT-2 has), bf16 and fp16, int8 and nf4 bases; tiny
+Llama, Qwen2 and Mistral (grouped-query, sdpa and eager, Mistral's sliding window crossed by the prompt and during
+decode, Llama in bf16), then gpt2 and bloom-560m. Error is (predicted - measured) / measured; "beyond weights" is the same error of the peak less
 the weights (the cache, activations and token ids alone). Writes ``benchmarks/results/inference_cpu.json`` (every
 row, whole) and ``benchmarks/results/inference_cpu.md`` (the table), and prints the table.
 """
@@ -29,6 +30,13 @@ BLOOM = {"model_type": "bloom", "n_layer": 2, "hidden_size": 64, "n_head": 4, "v
 # bitsandbytes' CPU kernels repack 4-bit weights in blocks of 64 per row: a width of 128
 GPT2_Q = {**GPT2, "n_embd": 128, "vocab_size": 1000}
 BLOOM_Q = {**BLOOM, "hidden_size": 128, "vocab_size": 1000}
+# grouped-query decoders: 4 query heads on 2 K/V heads; Mistral's default 4,096-position window makes its cache layers
+# sliding ones, and a 32-position window is crossed by the prompt (sdpa then gets a mask) or during decode
+LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300, "max_position_embeddings": 512}
+QWEN2 = {**LLAMA, "model_type": "qwen2"}
+MISTRAL = {**LLAMA, "model_type": "mistral"}
+MISTRAL_W = {**MISTRAL, "sliding_window": 32}
 # (label, model, quant, inference)
 ROWS = [
     ("gpt2-tiny", GPT2, None, Inference(batch=2, context=48, new_tokens=3)),
@@ -44,12 +52,22 @@ ROWS = [
     ("bloom-tiny-128", BLOOM_Q, "int8", Inference(batch=2, context=64, new_tokens=3)),
     ("gpt2-tiny-128", GPT2_Q, "nf4", Inference(batch=2, context=64, new_tokens=3)),
     ("bloom-tiny-128", BLOOM_Q, "nf4", Inference(batch=2, context=64, new_tokens=3)),
+    ("llama-tiny", LLAMA, None, Inference(batch=2, context=48, new_tokens=3)),
+    ("llama-tiny", LLAMA, None, Inference(batch=1, context=40, new_tokens=4, attention="eager")),
+    ("llama-tiny", LLAMA, None, Inference(batch=4, context=256, new_tokens=8)),
+    ("llama-tiny", LLAMA, None, Inference(batch=2, context=200, new_tokens=3, dtype="bf16")),
+    ("qwen2-tiny", QWEN2, None, Inference(batch=2, context=48, new_tokens=3)),
+    ("qwen2-tiny", QWEN2, None, Inference(batch=3, context=24, new_tokens=6, attention="eager")),
+    ("mistral-tiny", MISTRAL, None, Inference(batch=2, context=48, new_tokens=3)),
+    ("mistral-tiny", MISTRAL, None, Inference(batch=2, context=48, new_tokens=3, attention="eager")),
+    ("mistral-tiny-w32", MISTRAL_W, None, Inference(batch=2, context=200, new_tokens=3)),
+    ("mistral-tiny-w32", MISTRAL_W, None, Inference(batch=2, context=20, new_tokens=16, attention="eager")),
     ("gpt2", "gpt2", None, Inference(batch=4, context=256, new_tokens=8)),
     ("gpt2", "gpt2", None, Inference(batch=4, context=256, new_tokens=8, dtype="bf16")),
     ("bloom-560m", "bloom-560m", None, Inference(batch=1, context=256, new_tokens=4)),
     ("bloom-560m", "bloom-560m", None, Inference(batch=2, context=512, new_tokens=4, dtype="bf16")),
 ]
-QUICK = (0, 3, 13)
+QUICK = (0, 3, 13, 14, 19, 21)
 
 
 def _error(predicted: int, measured: int) -> float:

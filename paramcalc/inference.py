@@ -6,7 +6,7 @@ Three terms, each from the family file:
 - **KV cache**: per cached attention core, ``2 x layers x b x tokens x KV heads x head dim x bytes``, exact.
   generate feeds the prompt (``--context N``) and then each new token but the last, so after ``M`` new tokens
   the cache holds ``N + M - 1`` positions (transformers' ``DynamicCache``: one ``[b, KV heads, tokens, head dim]``
-  tensor of keys and one of values per layer);
+  tensor of keys and one of values per layer; a sliding-window layer at most its window: ``inference_cache``);
 - **activations**: one step of generate replayed op by op (``paramcalc.inference_walk``): the prompt's forward
   with its logits for the last position and the greedy pick (prefill), and the last new token's forward over the
   full cache (decode).
@@ -221,10 +221,11 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     if inference.kv_dtype and KV_BYTES[inference.kv_dtype] != width:
         notes.append(f"--kv-dtype {inference.kv_dtype}: the cache at {kv_width} B per value, as a serving engine "
                      f"stores it; transformers' DynamicCache keeps the model's dtype ({dtype})")
-    window = result.config.get("sliding_window") if result.config.get("use_sliding_window", True) else None
-    if isinstance(window, int) and inference.cached_tokens > window:
-        notes.append(f"the config has a sliding window ({window:,} positions): the cache is sized in full, as if "
-                     "every position were kept (transformers' sliding layers keep views of the full tensors)")
+    window = next((w for w in windows(result, result.values.get("L", 0)) if w), None)
+    if window is not None and inference.cached_tokens > window:
+        notes.append(f"sliding window ({window:,} positions): generate's DynamicCache keeps at most {window:,} positions "
+                     "in a sliding layer (a view of the last window - 1 of a tensor one longer); past the window sdpa "
+                     "gets a mask, and repeat_kv copies the keys and values for it")
     if result.quant and result.quant.options.type != "int8" and chosen.kind == "cpu":
         notes.append("on a CPU bitsandbytes repacks 4-bit weights at their first forward, their absmax in bf16: 2 B "
                      "less per 64 values than as loaded (shown)")

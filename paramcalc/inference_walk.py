@@ -351,13 +351,17 @@ class _Walk:
         from . import moe
         from .ledger import Record
 
-        spec = moe.spec_of(self.family, name)
+        combine = name.endswith(" combine")  # the picks summed over each token's K (an op of its own)
+        spec = moe.spec_of(self.family, name.removesuffix(" combine"))
         modules = {row: replace(self.modules[row], weight_trains=False, lora_rank=0, lora_params={})
                    for row in (spec["router"], spec["experts"])}
         ctx = SimpleNamespace(values=self.values, modules=modules, grads={}, layer=self.layer, master=self.p.width,
                               compute=self.p.width, autocast=False, stop=False, checkpointed=False)
-        return moe.replay(spec, x, self.ledger, ctx, lambda elements, width, grad=False: self.new(elements, width),
-                          Record([], None, [], [], []), [])
+        new = lambda elements, width, grad=False: self.new(elements, width)  # noqa: E731 (nothing needs a gradient)
+        record = Record([], None, [], [], [])
+        if combine:
+            return moe.combine(spec, x, self.ledger, ctx, new, record)
+        return moe.replay(spec, x, self.ledger, ctx, new, record, [])
 
     def _makes(self, spec: dict) -> bool:
         """Whether the model makes a forward tensor this pass: a sliding-window mask for sdpa only once the keys

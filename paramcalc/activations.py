@@ -72,6 +72,9 @@ class _Context:
     stop: bool = False  # a re-run stops before this op's last kernel (activations._recompute)
     prefix_tokens: int = 0  # prefix tuning's virtual tokens, and its cache: layer -> (keys, values)
     prefix_cache: dict = field(default_factory=dict)
+    # a checkpointed layer's first forward: autograd keeps nothing for backward, so an op of several nodes frees what
+    # each would save as soon as Python lets it go (paramcalc.moe)
+    checkpointed: bool = False
 
 
 def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False, curve: bool = False) -> Timeline:
@@ -199,7 +202,9 @@ def simulate(result, step: Step, device: str = "cpu", accumulating: bool = False
             layer = []
             last = -1  # the layer's last op that saves anything for backward: where its re-run stops
             for op in ops:  # checkpointing stores nothing for backward: each saved tensor is let go at once
+                ctx.checkpointed = True
                 record = run(op, written)
+                ctx.checkpointed = False
                 if _saves(record, ctx):
                     last = len(layer)
                 record.release(ledger)

@@ -91,6 +91,9 @@ class Family:
     # streams of the flow that live in a Python expression, not a local: each dies at its last read (Llama's MLP,
     # down_proj(act(gate_proj(x)) * up_proj(x)))
     temporaries: tuple[str, ...] = ()
+    # [[moe]]: mixtures of experts a flow op "mixture of experts N" runs (paramcalc.moe): router and experts rows,
+    # tokens, experts and top-k symbols
+    moe: tuple[dict, ...] = ()
 
     @property
     def prefix_token_dim(self) -> str:
@@ -225,7 +228,7 @@ def _parse(path: Path) -> Family:
         tokens=raw.get("tokens", {}), attention=tuple(raw.get("attention", [])),
         attention_kernels=tuple(raw.get("attention_kernels", ["eager"])), buffers=tuple(raw.get("buffers", [])),
         forward_tensors=tuple(raw.get("forward_tensors", [])),
-        flow=raw.get("flow", {}),
+        flow=_expand(path, raw.get("flow", {}), raw.get("flow_pieces", {})), moe=tuple(raw.get("moe", [])),
         digest=hashlib.sha256(text).hexdigest()[:16], rmsnorm=raw.get("rmsnorm", "t5"),
         temporaries=tuple(raw.get("temporaries", [])),
     )
@@ -242,6 +245,26 @@ def _read(path: Path) -> tuple[dict, bytes]:
     return raw, text
 
 
+PIECE = "@"  # in a [flow] part: "@NAME" stands for the ops of [flow_pieces] NAME
+
+
+def _expand(path: Path, flow: dict, pieces: dict) -> dict:
+    """A part's flow with its pieces spelled out. A piece is a named run of ops (Llama's self-attention and
+    feed-forward sub-layers) that a child file can replace alone, keeping the rest of its parent's flow: Mixtral
+    swaps only the feed-forward piece for its mixture of experts. Any family may use pieces; one level, no nesting."""
+    expanded = {}
+    for part, ops in flow.items():
+        expanded[part] = []
+        for op in ops:
+            if not op.startswith(PIECE):
+                expanded[part].append(op)
+            elif op[1:] in pieces:
+                expanded[part].extend(pieces[op[1:]])
+            else:
+                raise ValueError(f"{path.name}: flow {part!r} names piece {op!r}, which [flow_pieces] lacks")
+    return expanded
+
+
 def _keep_fp32(path: Path, table: dict) -> dict:
     """The ``[keep_fp32]`` table: ``modules`` (the class's ``_keep_in_fp32_modules``) and ``strict`` (its
     ``_keep_in_fp32_modules_strict``), each a list of transformers' patterns; both empty when the table is absent."""
@@ -256,14 +279,17 @@ def _inherit(parent: dict, child: dict) -> dict:
     child's when it gives them. Modules: the parent's, less those of the parts the child drops (``drop_parts``)
     and those it names in ``drop_modules``; a child module with a parent module's name takes its place (Qwen2
     swaps Llama's Q/K/V for biased ones), any other is added. The flow is the parent's unless the child drops a
-    module a part's flow runs and does not write that part's flow itself: then the child has no flow at all (Mixtral
-    swaps Llama's SwiGLU for routed experts, which Llama's flow cannot run: its steps are traced instead)."""
+    module the flow still runs (a part the child does not write, or a ``[flow_pieces]`` piece it does not replace):
+    then the child has no flow at all and its steps are traced. Pieces merge by name like the other tables, so a
+    child replaces one sub-layer of its parent's flow (Mixtral's feed-forward piece runs its routed experts in
+    place of Llama's SwiGLU)."""
     merged = {**parent, **child}
-    for table in ("symbols", "defaults", "fixed", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens", "flow"):
+    for table in ("symbols", "defaults", "fixed", "derived_defaults", "key_aliases", "unsupported", "peft", "tokens", "flow",
+                  "flow_pieces"):
         merged[table] = {**parent.get(table, {}), **child.get(table, {})}
     dropped, gone = set(child.get("drop_parts", [])), set(child.get("drop_modules", []))
-    if any(op.partition(":")[2].strip().removesuffix(" [tied]") in gone
-           for part, ops in parent.get("flow", {}).items() if part not in child.get("flow", {}) for op in ops):
+    flow = _expand(Path(f"{child.get('family', '')}.toml"), merged["flow"], merged["flow_pieces"])
+    if any(op.partition(":")[2].strip().removesuffix(" [tied]") in gone for ops in flow.values() for op in ops):
         merged["flow"] = {}
     swaps: dict[str, list] = {}  # name -> the child's modules of that name (one per condition)
     for m in child.get("modules", []):

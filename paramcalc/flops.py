@@ -18,9 +18,9 @@ adds a forward-only pass through A and B (and, with LoRA dropout, the base matmu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import attention, expr, flops_methods, masks
+from . import attention, expr, flops_methods, masks, moe
 from .errors import ParamcalcError
 from .families import families
 from .step import Step, check_fits_model, resolve_attention
@@ -74,6 +74,8 @@ class _Module:
     ia3_input: bool = False  # IA3 scales its input (feed-forward modules)
     ia3_output: bool = False
     quantized: bool = False  # a bitsandbytes row (--quant)
+    # peft's LoRA on a fused experts tensor (target_parameters): its name -> rank per expert (paramcalc.moe)
+    lora_params: dict = field(default_factory=dict)
 
     @property
     def hooks_see_nothing(self) -> bool:
@@ -178,7 +180,7 @@ def _modules(result, family, values) -> dict[str, _Module]:
             module = modules[base] = _Module(c.kind, tokens, fan_in, fan_out, False, False)
         module.quantized |= bool(result.quant) and c.name in result.quant.quantized
         module.any_trains |= c.trainable and (c.count > 0 or c.kind == "tied")
-        module.weight_trains |= c.trainable and ("weight" in c.shapes or c.kind == "tied")
+        module.weight_trains |= c.trainable and ("weight" in c.shapes or c.kind in ("tied", "experts"))
         by_param[c.param] = module
     lora = next((options for method, options in result.peft_options if method == "lora"), None)
     for c in result.components:
@@ -192,10 +194,17 @@ def _modules(result, family, values) -> dict[str, _Module]:
             original = modules[_base_name(c.name.removesuffix(" (trainable copy, modules_to_save)"))]
             original.weight_trains = original.any_trains = True
         elif c.kind == "lora":
-            target = by_param.get(c.param)
-            if target is None or c.repeat_count != _count_of(result, c.param):
+            # (peft nests a ParamWrapper per adapted tensor of a module: the inner one's rows sit under base_layer)
+            param = c.param.replace(".base_layer", "") if c.param not in by_param else c.param
+            target = by_param.get(param)
+            if target is None or c.repeat_count != _count_of(result, param):
                 raise ParamcalcError("analytic FLOPs need LoRA on every layer of a module (not a subset)")
             target.lora_rank = values["r"]
+            if target.kind == "experts":  # A: [rank * E, in]
+                a_rows = next(shape for key, shape in c.shapes.items() if "lora_A" in key)[0]
+                base = next(x for x in result.components if x.param == param and x.group != "peft")
+                experts = expr.evaluate(base.args["num_experts"], values)
+                target.lora_params[c.name.rsplit(" ", 1)[-1]] = expr.evaluate(a_rows, values) // experts
             target.any_trains = True
             if lora.dora:
                 embedding = target.kind == "embedding"
@@ -239,6 +248,20 @@ def _run(op: str, modules, needs_grad, rows, family, values, step: Step, written
         if kind == "dropout":  # dropout with p=0 returns its input: nothing saved
             return 0 if grad_in and float(where[0].get(name.split()[1], 0.0) or 0.0) > 0 else None
         return 0 if grad_in and kind in SAVING else None
+    if moe.combines(name):  # a sum over the picks: no matmul, nothing saved
+        written.add(target)
+        needs_grad[target] = grad_in
+        return None
+    if name.startswith(moe.OP):  # the router and the experts' grouped matmuls (paramcalc.moe)
+        written.add(target)
+        spec = moe.spec_of(family, name)
+        router, experts = modules[spec["router"]], modules[spec["experts"]]
+        totals = rows.setdefault(name, [0, 0])
+        for phase, _, batch, m, k, n in moe.matmuls(spec, values, grad_in, router, experts,
+                                                    moe.lora_ranks(router, experts)):
+            totals[phase == "backward"] += 2 * batch * m * k * n
+        needs_grad[target] = grad_in or router.any_trains or experts.any_trains
+        return 0 if needs_grad[target] else None  # its last save is a gather's index, after every matmul
     if name.startswith("attention core"):
         written.add(target)
         needs_grad[target] = _attention(name, inputs, needs_grad, rows, family, values, step, *where, modules)

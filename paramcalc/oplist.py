@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import flops_methods
+from . import flops_methods, moe
 from .flops import ELEMENTWISE, SAVING, _base_name
 from .replay_methods import modules as replay_modules
 from .kernels import FUSED_ACTIVATION, WRITTEN_OUT, attention_ops, module_ops
@@ -164,8 +164,8 @@ def _saves(record, where: _Where) -> bool:
         if kind == "dropout":
             return grad_in and float(where.result.config.get(name.split()[1], 0.0) or 0.0) > 0
         return grad_in and kind in SAVING
-    if name.startswith("attention core"):
-        return record.output.grad
+    if name.startswith(("attention core", moe.OP)):
+        return record.output.grad and not moe.combines(name)
     module = where.modules.get(name.removesuffix(" [tied]"))
     return (module is not None and not name.endswith(" [tied]") and record.output.grad
             and not module.hooks_see_nothing)
@@ -192,6 +192,9 @@ def _record(record, ops: _Ops, where: _Where, forward_only: bool = False) -> Non
         return
     if name.startswith("attention core"):
         attention_ops(record, name, ops, where, backward)
+        return
+    if name.startswith(moe.OP):
+        moe.kernels(record, name, ops, where, backward)
         return
     if kind in ELEMENTWISE:
         _elementwise(name, kind, record, x, out, ops, where, backward)

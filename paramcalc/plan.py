@@ -170,13 +170,11 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
 
 def replayable(result) -> bool:
     """Whether the memory replay can walk the model: its family file describes the step's data flow (a family that
-    drops modules its parent's flow runs inherits none: Mixtral's experts, ``families._inherit``), and no module
-    is of a kind no flow op runs yet (a mixture of experts' router and experts)."""
+    drops modules its parent's flow runs and describes no op in their place inherits none, ``families._inherit``;
+    Mixtral's routed experts are a flow op of their own, ``paramcalc.moe``)."""
     from .families import families
 
-    if result.generic or not families()[result.family].flow:
-        return False
-    return not any(c.kind in ("router", "experts") for c in result.components)
+    return not result.generic and bool(families()[result.family].flow)
 
 
 def _traced(result, step: Step, chosen: Profile):

@@ -55,7 +55,10 @@ def recompute(item: Checkpointed, ledger: Ledger, ctx, grad_of: dict[int, int]) 
             block.append(ledger.hold(streams[io(first.op)[0][0]].tid))
         record.op, record.dead = first.op, first.dead
         if record.output is not None and ledger.size.get(record.output.tid, (None,))[0] == 0:
-            record.output = first.output  # the kernel that would make it did not run (ops.module)
+            stopped, record.output = record.output, first.output  # the kernel that would make it did not run
+            for stage in record.stages:  # (an op of several nodes, paramcalc.moe: its last one)
+                if stage.output is stopped:
+                    stage.output = first.output
         elif first.output is not None and record.output is not None and first.output.tid in grad_of:
             grad_of[record.output.tid] = grad_of.pop(first.output.tid)
         let_go(record.dead, streams, ctx.hooks.scope(first.op, scope), ledger, ctx.hooks.temporaries)

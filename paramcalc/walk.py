@@ -2,7 +2,8 @@
 stream bookkeeping around it (which streams an op reads, when each dies, Python scopes that free them).
 
 An op is ``"in1,in2 -> target : NAME"``: NAME an elementwise op (``paramcalc.flops.ELEMENTWISE``; ``rotary TABLES``
-reads the forward tensor TABLES too), an attention core, or a row of the replay's modules; ``"|"`` (``SCOPE_END``) marks where a Python function returns.
+reads the forward tensor TABLES too), an attention core, a mixture of experts (``paramcalc.moe``), or a row of
+the replay's modules; ``"|"`` (``SCOPE_END``) marks where a Python function returns.
 ``paramcalc.activations.simulate`` runs the walk; ``paramcalc.recompute`` re-runs checkpointed layers with it.
 
 Torch-free: the analytic path.
@@ -10,7 +11,7 @@ Torch-free: the analytic path.
 
 from __future__ import annotations
 
-from . import attention, replay_methods
+from . import attention, moe, replay_methods
 from .flops import ELEMENTWISE
 from .ledger import Ledger, Record, Value, promoted as _promoted
 from .ops import activation as _activation, dropout as _dropout, module as _module, rotary as _rotary
@@ -91,6 +92,10 @@ def forward(op: str, streams: dict[str, Value], ledger: Ledger, ctx, cache: list
         core = ctx.family.attention[int(name.rsplit(" ", 1)[-1]) - 1]
         out = attention.replay(core, inputs, ledger, ctx, new, save,
                                lambda x, p, keep: _dropout(x, p, ledger, ctx, keep), record, cache, streams, held)
+    elif moe.combines(name):
+        out = moe.combine(moe.spec_of(ctx.family, name), inputs[0], ledger, ctx, new, record)
+    elif name.startswith(moe.OP):
+        out = moe.replay(moe.spec_of(ctx.family, name), inputs[0], ledger, ctx, new, record, cache)
     else:
         module = ctx.modules.get(name.removesuffix(" [tied]"))
         if module is None:  # a row this config does not have (e.g. the ungated FFN of a gated T5):
@@ -145,7 +150,7 @@ def last_reads(sequence: list[tuple[str, bool]], modules: set[str], keep: set[st
         if op == SCOPE_END or any(n not in present for n in inputs):
             continue
         name = op.partition(":")[2].strip()
-        is_module = not (name.split(" ")[0] in ELEMENTWISE or name.startswith("attention core"))
+        is_module = not (name.split(" ")[0] in ELEMENTWISE or name.startswith(("attention core", moe.OP)))
         if is_module and name.removesuffix(" [tied]") not in modules:
             if target not in written:
                 present.discard(target)

@@ -1,6 +1,6 @@
 """Llama, Mistral, Qwen2 and Mixtral: real CPU steps judge the memory replay of the grouped-query decoders (their
-family files describe the step's flow); Mixtral, whose routed experts no flow describes yet, is traced on fake
-tensors. Published figures pin the counts."""
+family files describe the step's flow; Mixtral's mixture of experts is tests/test_moe.py's). Published figures pin
+the counts."""
 
 import gc
 import itertools
@@ -101,15 +101,15 @@ def test_prefix_tuning_matches_a_real_step():
 
 
 @pytest.mark.parametrize("method", [None, "lora:r=4,targets=q_proj,v_proj"])
-def test_mixtral_is_traced_and_trains(method):
-    """Its routed experts are no flow op yet: Mixtral inherits no flow from Mistral (it drops the SwiGLU rows that
-    flow runs), so plan traces its step; the real run goes ahead and is judged against the trace."""
-    assert families()["mixtral"].flow == {} and families()["mistral"].flow
+def test_mixtral_is_replayed_and_trains(method):
+    """Its routed experts are a flow op (paramcalc/moe.py; tests/test_moe.py judges it cell by cell): plan replays its
+    step; the real run trains the parameters it should and its loss falls."""
+    assert families()["mixtral"].flow and families()["mixtral"].moe
     config, task = TINY_GQA["mixtral"]
     result = paramcalc.count(config, task=task, peft=method, formulas=False)
-    assert not replayable(result)
+    assert replayable(result)
     report = train(result, Step(batch=2, seq=32), TrainOptions(steps=3, lr=5e-3))
-    assert report.predicted["source"] == "trace"
+    assert report.predicted["source"] == "replay"
     assert abs(report.errors()["peak"]) <= TOLERANCE, report.errors()
     assert report.measured["changed_params"] == result.trainable_params
     assert report.measured["frozen_changed"] == []
@@ -168,7 +168,7 @@ def test_mixtral_experts_that_look_at_token_values_are_refused_in_one_line():
 
 
 def test_replayed_families_say_so_and_report_flops():
-    for model in ("tinyllama-1.1b", "mistral-7b", "qwen2-0.5b"):
+    for model in ("tinyllama-1.1b", "mistral-7b", "qwen2-0.5b", "mixtral-8x7b"):
         result = paramcalc.count(model, task="causal-lm", formulas=False)
         planned = plan(result, Step(batch=1, seq=512, mixed_precision="bf16"), device="a100-80gb")
         assert replayable(result) and planned.source == "replay"

@@ -23,7 +23,8 @@ TARGETS = {"bert": ["query", "key", "value", "dense", "word_embeddings"], "rober
            "gpt2": ["c_attn", "c_proj", "c_fc", "wte"], "bloom": ["query_key_value", "dense", "dense_4h_to_h"],
            "t5": ["q", "k", "v", "o", "wo", "wi", "wi_0", "shared"],
            **dict.fromkeys(("llama", "mistral", "qwen2"), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj", "embed_tokens"])}
+                                                           "up_proj", "down_proj", "embed_tokens"]),
+           "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]}
 
 
 @st.composite

@@ -46,6 +46,8 @@ GQA = {family: {"model_type": family, "num_hidden_layers": 4, "hidden_size": 256
                 "num_key_value_heads": 2, "intermediate_size": 688, "vocab_size": 32000,
                 "max_position_embeddings": 512}
        for family in ("llama", "mistral", "qwen2")}
+# Mixtral: the same decoder with 8 experts of width 688, 2 per token (peft has no default LoRA targets for it)
+GQA["mixtral"] = {**GQA["mistral"], "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}
 # (label, family, peft, quant, config overrides, step options) at 4 x 128
 GQA_ROWS = [("full", "llama", None, None, {}, {}), ("full", "llama", None, None, {}, {"mixed_precision": "bf16"}),
             ("full eager", "llama", None, None, {}, {"attention": "eager"}),
@@ -59,10 +61,16 @@ GQA_ROWS = [("full", "llama", None, None, {}, {}), ("full", "llama", None, None,
             ("lora r=8 +ckpt", "mistral", "lora:r=8", None, {}, {"attention": "eager", "grad_checkpointing": True}),
             ("full", "qwen2", None, None, {}, {}),
             ("attn dropout", "qwen2", None, None, {"attention_dropout": 0.1}, {"mixed_precision": "bf16"}),
-            ("lora r=8", "qwen2", "lora:r=8", None, {}, {"attention": "eager"})]
+            ("lora r=8", "qwen2", "lora:r=8", None, {}, {"attention": "eager"}),
+            ("full", "mixtral", None, None, {}, {}),
+            ("full", "mixtral", None, None, {}, {"mixed_precision": "bf16"}),
+            ("lora q,v +ckpt", "mixtral", "lora:r=8,targets=q_proj,v_proj", None, {}, {"grad_checkpointing": True}),
+            ("lora all-linear", "mixtral", "lora:r=8,targets=all-linear", None, {}, {"mixed_precision": "bf16"}),
+            ("Qnf4 lora q,v", "mixtral", "lora:r=8,targets=q_proj,v_proj", "nf4", {}, {"mixed_precision": "bf16"})]
 
 
-def main(quick: bool, out: str | None = None) -> None:
+def main(quick: bool, out: str | None = None, only: str | None = None) -> None:
+    """``only``: the grouped-query rows of one family (``--only mixtral``), to re-judge them alone."""
     errors, lines = [], []
 
     def show(line: str) -> None:
@@ -87,7 +95,7 @@ def main(quick: bool, out: str | None = None) -> None:
         show(f"{model:18} {task:11} {label:15} {f'{step.batch} x {step.seq}':>11} {precision:>9} {predicted:>15,} "
              f"{judged:>13,} {'R' if real else 'T'} {error:>+7.2%}")
 
-    for model, task in MODELS:
+    for model, task in [] if only else MODELS:
         result = paramcalc.count(model, task=task, formulas=False)
         for batch, seq in SHAPES[:2] if quick else SHAPES:
             for precision in ("fp32", "bf16"):
@@ -101,11 +109,13 @@ def main(quick: bool, out: str | None = None) -> None:
                 key = {"t5": "dropout_rate", "gpt2": "attn_pdrop"}.get(result.family, "attention_probs_dropout_prob")
                 tuned = paramcalc.count(model, task=task, formulas=False, overrides={key: 0.0})
             row(tuned, model, task, label, Step(batch=8, seq=256, mixed_precision="bf16", **options))
-    for model, task, peft, step in [] if quick else LONG:
+    for model, task, peft, step in [] if quick or only else LONG:
         label = " ".join(filter(None, [peft and peft.replace(":", " "), step.attention if step.attention != "auto"
                                        else "", "+ckpt" if step.grad_checkpointing else ""])) or "full"
         row(paramcalc.count(model, task=task, peft=peft, formulas=False), model, task, label, step)
     for label, family, peft, quant, overrides, options in GQA_ROWS[::3] if quick else GQA_ROWS:
+        if only and family != only:
+            continue
         result = paramcalc.count({**GQA[family], **overrides}, task="causal-lm", peft=peft, quant=quant,
                                  formulas=False)
         row(result, f"{family}-4x256", "causal-lm", label, Step(batch=4, seq=128, **options), real=True)
@@ -118,4 +128,5 @@ def main(quick: bool, out: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv, sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
+    main("--quick" in sys.argv, sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None,
+         sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None)

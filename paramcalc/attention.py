@@ -198,6 +198,11 @@ def _sdpa(core, runs, sizes, qkv, extras, prefix, cache, grad, ledger, ctx, new,
                 stage(record, [value], copy, ledger)
         repeats = _repeat_kv(record, operands[1:], b * k_len * heads * dim, ledger, new)
         operands[1:] = repeats
+    if runs == "fused" and ctx.device == "cuda" and kv != heads and not repeats and ctx.compute == 4:
+        # enable_gqa on a GPU: torch's flash kernel alone takes fewer K/V heads than query heads, and it runs half
+        # precision only (the memory-efficient kernel refuses unequal heads: pytorch/pytorch#139586), so an fp32
+        # step runs the math path. A real H100 Qwen2-0.5B fp32 step measured it (benchmarks/results).
+        runs = "math"
     if runs == "math" and core.get("mask") and mask is None:
         # sdpa is told is_causal: the math path builds its causal bias, q x k in fp32, alive while it runs
         made.append(new(q_len * k_len, 4, False))

@@ -55,15 +55,21 @@ def activation(key: str, x: Value, ledger: Ledger, ctx, new, save, record: Recor
     saves = ACTIVATION_SAVES.get(name, ("input",))
     if name in ACTIVATION_FORWARD_SCRATCH:
         ledger.drop(ledger.new(ACTIVATION_FORWARD_SCRATCH[name] * x.bytes, "transient"))
-    out = new(x.elements, x.width, x.grad)
+    widths = [x.width] * len(saves)
+    width = x.width
+    if name == "gelu_new" and ctx.autocast and ctx.device == "cuda" and x.width != 4:
+        # CUDA autocast runs pow in fp32 (its fp32 list, unlike a CPU's): pow keeps an fp32 copy of x, and all
+        # after it is fp32 but 0.5*x: an H100 step of GPT-2 in bf16 kept 14 bytes per element, not 8
+        saves, widths, width = ("new", "new", "new", "new"), [4, 4, x.width, 4], 4
+    out = new(x.elements, width, x.grad)
     if x.grad:
-        for what in saves:
+        for what, kept in zip(saves, widths):
             if what == "input":
                 save(x)
             elif what == "output":
                 save(out)
             else:
-                extra = new(x.elements, x.width, False)
+                extra = new(x.elements, kept, False)
                 save(extra)
                 ledger.drop(extra.tid)  # the record holds it now
     return out

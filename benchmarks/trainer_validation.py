@@ -1,6 +1,7 @@
 """Predicted vs measured: real fine-tuning steps of the catalog models, judged by ``paramcalc train``.
 
     python benchmarks/trainer_validation.py [--device cpu|cuda [--calibrate]] [--quick] [--only NAME[,NAME]]
+    python benchmarks/trainer_validation.py --replan RESULTS --profile DEVICE
 
 Each row trains a catalog model (random weights) for a few real steps with ``paramcalc.train.train`` and
 compares the measured peak memory (CPU: allocator events; CUDA: max_memory_allocated) and tokens/s with
@@ -77,9 +78,34 @@ def run_case(case, device: str) -> dict:
     document = report.to_dict()
     document["wall_s"] = time.perf_counter() - started
     document["label"] = describe(method, quant, step)
+    document["case"] = case_dict(case)
     if overrides:
         document["model"] += " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
     return document
+
+
+def case_dict(case) -> dict:
+    model, task, method, quant, batch, seq, extra, *overrides = case
+    return {"model": model, "task": task, "method": method, "quant": quant, "batch": batch, "seq": seq,
+            "step": extra, "overrides": overrides[0] if overrides else {}}
+
+
+def replan(document: dict, profile: str) -> dict:
+    """A measured row judged again by today's predictor, with no GPU: the same model, method and step planned
+    on ``profile`` (a datasheet GPU, or a saved profile) with the measured device's memory."""
+    from paramcalc.train import TrainOptions, TrainReport, predict
+
+    case = document["case"]
+    result = paramcalc.count(case["model"], task=case["task"], peft=case["method"], quant=case["quant"],
+                             overrides=case["overrides"], formulas=False)
+    options = TrainOptions(device="cuda", device_mem=f"{document['device']['memory']}B")
+    predicted, notes = predict(result, Step(batch=case["batch"], seq=case["seq"], **case["step"]), options,
+                               profile=profile)
+    report = TrainReport(document["model"], document["family"], document["task"], document["options"],
+                         document["device"], predicted, document["measured"])
+    return {**document, "predicted": predicted, "error": report.errors(), "verdict": report.verdict(),
+            "replanned": f"predicted again on the {profile} profile, without a GPU (benchmarks/trainer_validation.py "
+                         "--replan)"}
 
 
 def row(document: dict) -> str:
@@ -104,6 +130,12 @@ HEADER = ("| model | method | batch x seq | precision | attention | predicted pe
 def main(argv: list[str]) -> None:
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
     cases = [CASES[i] for i in QUICK] if "--quick" in argv else CASES
+    if "--replan" in argv:  # judge the committed GPU rows again with today's predictor
+        name, profile = argv[argv.index("--replan") + 1], argv[argv.index("--profile") + 1]
+        documents = json.loads((Path(__file__).parent / "results" / f"{name}.json").read_text())
+        documents = [replan(d, profile) for d in documents]
+        print(write(documents, name, "cuda", f"--replan {name} --profile {profile}"))
+        return
     if "--only" in argv:  # one or more models, comma-separated
         cases = [c for c in cases if c[0] in argv[argv.index("--only") + 1].split(",")]
     os.environ.setdefault("PARAMCALC_CACHE_DIR", tempfile.mkdtemp(prefix="paramcalc-validation-"))
@@ -131,7 +163,7 @@ def main(argv: list[str]) -> None:
     print(summary)
 
 
-def write(documents: list[dict], name: str, device: str) -> str:
+def write(documents: list[dict], name: str, device: str, how: str = "") -> str:
     errors = [abs(d["error"]["peak"]) for d in documents if "peak" in d["error"]]
     summary = (f"peak memory: median |error| {100 * statistics.median(errors):.2f} %, largest "
                f"{100 * max(errors):.2f} % over {len(errors)} runs") if errors else "no peak measured"
@@ -139,7 +171,8 @@ def write(documents: list[dict], name: str, device: str) -> str:
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(documents, indent=1) + "\n")
     table = "\n".join([HEADER, *(row(d) for d in documents), "", summary, ""])
-    (folder / f"{name}.md").write_text(f"`python benchmarks/trainer_validation.py --device {device}`\n\n{table}")
+    command = f"python benchmarks/trainer_validation.py {how or f'--device {device}'}"
+    (folder / f"{name}.md").write_text(f"`{command}`\n\n{table}")
     return summary
 
 

@@ -151,12 +151,14 @@ def check_device(device: str) -> None:
         raise ParamcalcError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
 
 
-def predict(result, step, options: TrainOptions, processes: int = 1) -> tuple[dict | None, list[str]]:
+def predict(result, step, options: TrainOptions, processes: int = 1,
+            profile: str | None = None) -> tuple[dict | None, list[str]]:
     """The plan's prediction for the step the trainer will run, as a JSON-ready dict (None when paramcalc
-    cannot predict this model or method, with the reason among the notes)."""
+    cannot predict this model or method, with the reason among the notes). ``profile``: the device profile to
+    plan on (default: this CPU, or the profile or datasheet matching this GPU)."""
     from .plan import Parallel, plan
 
-    device, device_mem = _plan_device(options)
+    device, device_mem = (profile, options.device_mem) if profile else _plan_device(options)
     try:
         step_plan = plan(result, step, device, device_mem, Parallel(processes) if processes > 1 else None)
     except ParamcalcError as exc:

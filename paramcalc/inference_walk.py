@@ -1,5 +1,7 @@
 """One step of ``generate()``, op by op: the prompt's forward (prefill) or one new token's (decode), over the family
-file's ``[flow]``, with the key/value cache it fills and the greedy pick that follows.
+file's ``[flow]``, with the key/value cache it fills; then generate's greedy pick (``paramcalc.inference_generate``,
+which holds what generate does around the forward: the inputs it keeps, the pick, torch's fused CPU attention's
+per-thread scratch).
 
 Inference keeps nothing for backward (``generate`` runs under ``torch.no_grad``, the model in eval mode: dropout
 returns its input), so a value lives from the op that makes it to its last read, or until the Python function
@@ -23,12 +25,6 @@ transformers 5.24):
   freed as it returns, before the output projection;
 - the LM head only the last position (generate passes ``logits_to_keep=1``).
 
-Then the greedy pick (``GenerationMixin._sample``): the last logits copied to fp32, the logits processors that
-``min_new_tokens`` adds when the model has an end-of-sequence token (``MinLengthLogitsProcessor`` and
-``MinNewTokensLengthLogitsProcessor``: each clones the ``b x V`` scores, builds a ``V`` int64 range and its eos mask
-and a masked copy), argmax, and the attention mask
-and token ids grown by one (``torch.cat``: a new tensor each).
-
 Torch-free: the analytic path.
 """
 
@@ -38,42 +34,20 @@ from dataclasses import dataclass, replace
 
 from . import expr, masks
 from .attention import kv_heads
-from .inference_cache import PROCESSORS, kept, visible, windows
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
+from .inference_cache import kept, visible, windows
+from .inference_generate import Pass, flash_scratch, kept_inputs, model_inputs, pick
 from .ledger import Ledger, Value
 from .memory import DTYPE_BYTES
 from .ops import ACTIVATION_FORWARD_SCRATCH, activation_name
 from .walk import SCOPE_END, forget, io, last_reads, let_go, reads, release
 
-INT64 = 8  # token ids, attention masks, positions: int64
 # Input-sized temporaries an op written out in Python holds at its widest in a forward without autograd, beyond its
 # input (the output takes the place of the last): GPT-2's NewGELUActivation computes 0.5 * x, then x ** 3 and
 # 0.044715 * x ** 3 while 0.5 * x is alive; BLOOM's as in training (ops.ACTIVATION_FORWARD_SCRATCH); rotary
 # positions (apply_rotary_pos_emb, on q or k) hold x * cos, rotate_half(x) (a torch.cat) and rotate_half(x) * sin.
 FORWARD_SCRATCH = {"gelu_new": 3, "rotary": 3, **ACTIVATION_FORWARD_SCRATCH}
 MADE = ("mask", "rotary")  # the forward tensors inference makes (lookups and zeros: T5's, not decoder-only models')
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One forward of generate: ``tokens`` new positions over ``past`` cached ones."""
-
-    batch: int
-    tokens: int  # q: the prompt (prefill) or 1 (decode)
-    past: int  # positions already in the cache
-    width: int  # bytes per activation element (the dtype the model was loaded in)
-    kv_width: int  # bytes per cached key or value element
-    attention: str  # eager | sdpa | flash (resolved)
-    vocab: int
-    prompt: int  # the prompt's length (the caller's input_ids)
-    processors: int = PROCESSORS  # inference_cache.processors: none without an end-of-sequence token
-    device: str = "cpu"  # cpu | cuda: softmax(..., dtype=float32) copies a half input to fp32 first on a CPU
-    positions: bool = True  # the model's forward takes position_ids (inference_cache.takes_positions)
-    threads: int = 1  # torch's intra-op threads on a CPU: its fused attention's scratch is per thread
-
-    @property
-    def keys(self) -> int:
-        return self.past + self.tokens
 
 
 class InferenceLedger(Ledger):
@@ -95,19 +69,8 @@ def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:
     timeline's peak and what was alive then, by category."""
     ledger = InferenceLedger()
     ledger.new(weights, "weights")
-    b, q, keys = p.batch, p.tokens, p.keys
-    for _ in ("input_ids", "attention_mask"):  # the caller's (a tokenizer's, without padding), alive throughout
-        ledger.new(b * p.prompt * INT64, "inputs")
-    # generate drops an all-ones attention mask (model_kwargs["attention_mask"] = None); a model whose forward takes
-    # position ids gets them from it (cumsum - 1), and generate's own model_kwargs keeps that first b x prompt tensor
-    # to the end, while _sample's copy of model_kwargs grows by torch.cat after each step, as input_ids do (the
-    # prefill reads the caller's input_ids)
-    if p.positions:
-        ledger.new(b * p.prompt * INT64, "inputs")
-    grown, ids = ([ledger.new(b * keys * INT64, "inputs") if p.positions else None,
-                   ledger.new(b * keys * INT64, "inputs")] if p.past else [None, None])
-    # the last pick's fp32 logits and processed scores (one tensor without processors)
-    previous = [ledger.new(b * p.vocab * 4, "activations") for _ in range(min(p.processors, 1) + 1)] if p.past else []
+    b, q = p.batch, p.tokens
+    grown, ids, previous = kept_inputs(ledger, p)
     values = {**result.values, "b": b, "s": q}
     cache: dict[tuple[int, int], tuple[int | None, list[int]]] = {}  # (core, layer) -> window, keys and values
     for index, core in cached_cores(result, family):
@@ -117,13 +80,11 @@ def run(result, family, p: Pass, weights: int, quant=None) -> Ledger:
             elements = b * kv_heads(core, values) * positions * expr.evaluate(core["head_dim"], values)
             cache[index, layer] = window, [ledger.new(elements * p.kv_width, "kv_cache") for _ in "kv"] if p.past \
                 else []
-    # prepare_inputs_for_generation: input_ids[:, -q:].clone(), and the position ids' last q cloned (the prefill's
-    # are generate's own); the prefill's die as _prefill returns, a decode step's at the next step
-    model_inputs = [ledger.new(b * q * INT64, "inputs") for _ in range(1 + (p.positions and p.past > 0))]
+    step = model_inputs(ledger, p)  # the prefill's die as _prefill returns, a decode step's at the next step
     logits = _Walk(result, family, p, ledger, values, cache, quant).forward()
     if not p.past:
-        release(model_inputs, ledger)
-    _pick(ledger, p, logits, grown, ids, previous)
+        release(step, ledger)
+    pick(ledger, p, logits, grown, ids, previous)
     return ledger
 
 
@@ -402,16 +363,6 @@ class _Walk:
         return keys
 
 
-def flash_scratch(q: int, k: int, dim: int, width: int, threads: int) -> int:
-    """What torch's fused CPU attention (``_scaled_dot_product_flash_attention_cpu``, torch 2.13) allocates while it
-    runs: per thread a block of q x k scores (query blocks of 32 rows, 64 from 192 queries, 256 from 768; key blocks
-    of 512), its row maxima and sums and a block of output, in fp32, and a half-precision copy of the block of scores
-    for a half input (measured byte for byte, fp32 and bf16)."""
-    rows = min(q, 256 if q >= 768 else 64 if q >= 192 else 32)
-    columns = min(k, 512)
-    return threads * ((rows * columns + 2 * rows + rows * dim) * 4 + (rows * columns * width if width != 4 else 0))
-
-
 def _made_elements(spec: dict, values: dict, p: Pass) -> int:
     """A forward tensor's elements for q new positions over k keys; the family file writes them for a training step
     (q = k = s). A quadratic mask (``b*s*s``: the causal mask, b x 1 x q x k) is q x k, any other mask (ALiBi,
@@ -423,33 +374,3 @@ def _made_elements(spec: dict, values: dict, p: Pass) -> int:
     elements = expr.evaluate(text, {**values, "s": p.keys})
     return elements // p.keys * p.tokens if "s*s" in text else elements
 
-
-def _pick(ledger, p: Pass, logits: Value, grown: int | None, ids: int | None, previous: list[int]) -> None:
-    """generate's greedy pick after the forward: the position ids grown by one, the last logits copied to fp32,
-    the logits processors, argmax, the token ids grown by one; then the logits die (``del outputs``)."""
-    b, vocab = p.batch, p.vocab
-    if p.positions:
-        ledger.new(b * (p.keys + 1) * INT64, "inputs")  # _update_model_kwargs_for_generation: torch.cat
-    if grown is not None:
-        ledger.drop(grown)
-    scores = ledger.new(b * vocab * 4, "activations")  # logits[:, -1].to(copy=True, dtype=float32)
-    if previous:
-        ledger.drop(previous[0])  # the last step's copy, rebound
-    before = scores
-    for _ in range(p.processors):  # clone; arange(V) and its eos mask (isin); where(mask, -inf, scores)
-        clone = ledger.new(b * vocab * 4, "transient")
-        index = ledger.new(vocab * INT64, "transient")
-        eos = ledger.new(vocab, "transient")
-        masked = ledger.new(b * vocab * 4, "activations")
-        for tid in (clone, index, eos):
-            ledger.drop(tid)
-        if before != scores:
-            ledger.drop(before)  # the previous processor's output, once the next has run
-        before = masked
-    for tid in previous[1:]:
-        ledger.drop(tid)  # the last step's processed scores, rebound
-    ledger.drop(ledger.new(b * INT64, "transient"))  # argmax
-    ledger.new(b * (p.keys + 1) * INT64, "inputs")  # torch.cat([input_ids, next_tokens])
-    if ids is not None:
-        ledger.drop(ids)
-    ledger.drop(logits.tid)  # del outputs

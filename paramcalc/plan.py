@@ -170,7 +170,7 @@ def _replayed(result, step: Step, chosen: Profile, notes: list[str]):
 
 def replayable(result) -> bool:
     """Whether the memory replay can walk the model: its family file describes the step's data flow (a family that
-    drops modules its parent's flow runs and describes no op in their place inherits none, ``families._inherit``;
+    drops modules its parent's flow runs and describes no op in their place inherits none, ``family_loader._inherit``;
     Mixtral's routed experts are a flow op of their own, ``paramcalc.moe``)."""
     from .families import families
 

@@ -51,6 +51,9 @@ SMALL = {
                                             "num_key_value_heads": 2, "intermediate_size": 896}),
     "qwen2": ("qwen2-0.5b", "causal-lm", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
                                           "num_key_value_heads": 2, "intermediate_size": 704}),
+    # a sparse mixture of experts: 8 experts of 688, each token runs 2
+    "mixtral": ("mixtral-8x7b", "causal-lm", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
+                                              "num_key_value_heads": 2, "intermediate_size": 688}),
 }
 # (label, catalog model, task, overrides, shapes): the small configs, then the released sizes that fit
 MODELS = [(f"{family}-4x256", model, task, overrides, [(4, 128), (8, 256)])
@@ -60,6 +63,8 @@ MODELS = [(f"{family}-4x256", model, task, overrides, [(4, 128), (8, 256)])
     ("t5-small", "t5-small", "seq2seq-lm", {}, [(4, 128)]),
 ]
 METHODS = [None, "lora:r=8"]
+# peft has no default LoRA targets for Mixtral (it refuses them): its LoRA rows name peft's usual q_proj, v_proj
+LORA = {"mixtral-4x256": "lora:r=8,targets=q_proj,v_proj"}
 QUICK = [("bert-4x256", None, (4, 128)), ("gpt2-4x256", "lora:r=8", (4, 128)), ("t5-4x256", None, (4, 128))]
 STEPS, WARMUP = 5, 1  # a warm-up step, the memory step, then three timed steps
 PHASES = ("forward", "backward", "optimizer")
@@ -72,8 +77,8 @@ HEADER = ("| model | method | batch x seq | predicted tokens/s | measured tokens
 
 def rows(quick: bool, only: str | None) -> list[dict]:
     models = {label: (model, task, overrides) for label, model, task, overrides, _ in MODELS}
-    cases = QUICK if quick else [(label, method, shape) for label, *_, shapes in MODELS for method in METHODS
-                                 for shape in shapes]
+    cases = QUICK if quick else [(label, method and LORA.get(label, method), shape) for label, *_, shapes in MODELS
+                                 for method in METHODS for shape in shapes]
     chosen = [{"name": f"{label} {method or 'full'} {batch}x{seq}", "label": label, "model": models[label][0],
                "task": models[label][1], "overrides": models[label][2], "method": method, "batch": batch, "seq": seq}
               for label, method, (batch, seq) in cases]

@@ -182,8 +182,12 @@ def main(argv: list[str]) -> None:
         print(f"resuming: {len(done)} rows kept from the last run")
     documents = []
     print(HEADER, flush=True)
-    for case in rows(quick, only):
+    for case in rows(quick, None):
         document = done.get(case["name"])
+        if only and only not in case["name"]:  # not asked for: a kept row stays in the results as it was
+            if document is not None:
+                documents.append(document)
+            continue
         if document is None:
             try:  # each row in a fresh process, as a user calibrates and then trains: nothing carries over
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:

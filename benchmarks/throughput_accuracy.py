@@ -199,6 +199,7 @@ def main(argv: list[str]) -> None:
         documents.append(document)
         print(markdown_row(document), flush=True)
         write(documents, about, command)
+    write(documents, about, command)  # the kept rows after the last one run
     print(summary(documents))
 
 

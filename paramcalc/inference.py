@@ -191,7 +191,7 @@ def infer(result, inference: Inference, device: str | None = None, device_mem: s
     overhead = CUDA_OVERHEAD if chosen.kind == "cuda" else 0
     vocab = result.values["V"]
     first = Pass(inference.batch, inference.context, 0, width, kv_width, inference.attention, vocab, inference.context,
-                 processors(result), chosen.kind, takes_positions(result), _threads(chosen))
+                 processors(result), chosen.kind, takes_positions(result), _threads(chosen), dtype)
     last = replace(first, tokens=1, past=inference.cached_tokens - 1)  # the last decode step, over the full cache
     replayed = all(family.flow.get(part) for part in family.tasks[result.task].parts)
     if replayed:

@@ -37,6 +37,7 @@ class Pass:
     device: str = "cpu"  # cpu | cuda: softmax(..., dtype=float32) copies a half input to fp32 first on a CPU
     positions: bool = True  # the model's forward takes position_ids (inference_cache.takes_positions)
     threads: int = 1  # torch's intra-op threads on a CPU: its fused attention's scratch is per thread
+    dtype: str = "fp32"  # the model's dtype: a CPU multiplies bf16 and fp16 through oneDNN (matmul_scratch)
 
     @property
     def keys(self) -> int:
@@ -76,6 +77,38 @@ def flash_scratch(q: int, k: int, dim: int, width: int, threads: int) -> int:
     rows = min(q, 256 if q >= 768 else 64 if q >= 192 else 32)
     columns = min(k, 512)
     return threads * ((rows * columns + 2 * rows + rows * dim) * 4 + (rows * columns * width if width != 4 else 0))
+
+
+def flash_packs(b: int, kv: int, q: int, k: int, dim: int, dtype: str, threads: int) -> list[int]:
+    """What torch's fused CPU attention adds in bf16 (AMX) from 64 queries over 64 keys on: the keys and the values
+    reordered for its brgemm (b x K/V heads x k x dim each) and a k-block (up to 512) x dim buffer per thread, bf16;
+    measured byte for byte: 2 x 4/2 heads x 200 x 16 -> 25,600 + 25,600 + 12,800 (2 threads); 1 x 4/2 x 1000 x 16
+    -> 64,000 + 64,000 + 32,768; none at 63 x 63, 32 x 200 or one query, none in fp16 or fp32."""
+    if dtype != "bf16" or q < 64 or k < 64:
+        return []
+    return [b * kv * k * dim * 2] * 2 + [threads * min(k, 512) * dim * 2]
+
+
+def matmul_scratch(m: int, k: int, n: int, dtype: str, threads: int, batch: int = 0, gemv: bool = False) -> int:
+    """What one half-precision ``m x k @ k x n`` product (``batch`` of them for a bmm) allocates on a CPU while it
+    runs: oneDNN's brgemm matmul scratchpad, per thread (torch 2.13, oneDNN 3.12, measured with allocator events on
+    an AMX / AVX512-FP16 Xeon; fp32 goes to MKL, which allocates none). torch hands oneDNN only products over
+    16 x 16 x 16 (its ``checksize``), and an fp16 ``x @ W^T`` of one row to its own gemv (``fp16_gemv_trans``):
+    nothing. bf16 runs on AMX: a K x n-block strip of B packed in bf16, 32 columns wide (64 for one row or from 128
+    rows on), and ~3-5 KB of tile buffers (a one-query bmm's: 10,368-63,104 B, modelled within ~10 %); m x 64 x 64 -> 13,952 B on 2 threads, 400 x 256 x 64
+    75,392 B (exact); wider n or mid-sized m pick other blockings (400 x 64 x 192: 61,056 B, modelled 26,624).
+    fp16 computes in fp32: a K (up to 512) x 64 block of B, the thread's rows of A (all for a bmm or up to 16 rows,
+    else m / threads, at most 256) and their 64 output columns, 4 B each, and 896 B: 2 x 64 x 64 -> 36,608 B,
+    400 x 64 x 64 239,360 B, 200 x 16 x 201 (bmm) 137,984 B, exact; 48 x 64 x 96 83,712 B, modelled 59,392."""
+    if dtype not in ("bf16", "fp16") or max(batch, 1) * m * k * n <= 16 ** 3 or (dtype == "fp16" and gemv and m == 1):
+        return 0
+    if dtype == "bf16":
+        columns = 64 if m == 1 or (m >= 128 and n >= 64) else 32
+        used = threads if m == 1 or m > 16 or batch else min(threads, -(-n // 32))
+        return used * (2 * k * columns + (4928 if m == 1 and not batch else 3072 if m <= 16 else 5120))
+    depth = min(k, 512)
+    rows = m if batch or m <= 16 else min(-(-m // threads), 256)
+    return threads * (4 * (64 * depth + rows * depth + rows * 64) + 896)
 
 
 def pick(ledger, p: Pass, logits: Value, grown: int | None, ids: int | None, previous: list[int]) -> None:

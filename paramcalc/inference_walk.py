@@ -36,7 +36,7 @@ from . import expr, masks
 from .attention import kv_heads
 from .flops import ELEMENTWISE, _base_name, _layers, _modules
 from .inference_cache import kept, visible, windows
-from .inference_generate import Pass, flash_scratch, kept_inputs, model_inputs, pick
+from .inference_generate import Pass, flash_packs, flash_scratch, kept_inputs, matmul_scratch, model_inputs, pick
 from .ledger import Ledger, Value
 from .memory import DTYPE_BYTES
 from .ops import ACTIVATION_FORWARD_SCRATCH, activation_name
@@ -235,8 +235,18 @@ class _Walk:
                 ledger.drop(out.tid)
                 return cast
         if kind in ("linear", "conv1d", "tied"):
-            return new(module.tokens * module.fan_out, width)
+            out = new(module.tokens * module.fan_out, width)
+            # (nn.Linear multiplies by W^T, Conv1D by W as stored: only the former is fp16's one-row gemv)
+            self.scratch(module.tokens, module.fan_in, module.fan_out, gemv=kind != "conv1d")
+            return out
         return new(x.elements, x.width)
+
+    def scratch(self, m: int, k: int, n: int, batch: int = 0, gemv: bool = False) -> None:
+        """oneDNN's scratchpad for a half-precision product on a CPU, alive while the call runs (after its output)."""
+        if self.p.device == "cpu":
+            size = matmul_scratch(m, k, n, self.p.dtype, self.p.threads, batch, gemv)
+            if size:
+                self.ledger.drop(self.ledger.new(size, "transient"))
 
     def attention(self, index: int, core: dict, inputs: list[Value], names: list[str]) -> Value:
         """The cache update of one layer, then the attention kernel over the positions the cache returns."""
@@ -266,8 +276,10 @@ class _Walk:
                 made.append(new(b * q * k, width).tid)
             out = new(b * q * heads * dim, width)
             ledger.drop(ledger.new(b * heads * q * 4, "transient"))  # the log-sum-exp of each row, fp32
-            if p.device == "cpu":
-                ledger.drop(ledger.new(flash_scratch(rows, k, dim, width, p.threads), "transient"))
+            if p.device == "cpu":  # per-thread blocks, then (bf16) its packed keys and values, alive together
+                given = heads if len(made) > ("mask" in extras) else kv  # (repeat_kv's copies, or the cache's heads)
+                release([ledger.new(size, "transient") for size in [flash_scratch(rows, k, dim, width, p.threads),
+                         *flash_packs(b, given, q, k, dim, p.dtype, p.threads)]], ledger)
             release(made, ledger)
             return out  # written as [b, q, heads, d]: merging the heads is a view
         held = []  # what the attention's locals hold until it returns
@@ -276,6 +288,7 @@ class _Walk:
         # repeat_kv: keys and values copied to every query head, eager_attention_forward's locals (freed as it returns)
         copies = [new(b * heads * k * dim, width).tid for _ in "kv"] if kv != heads else []
         scores = new(b * heads * q * k, width)  # q @ k^T (BLOOM: baddbmm onto ALiBi)
+        self.scratch(q, dim, k, batch=b * heads)
         for role in masks.ROLES:
             if role in extras:
                 added = new(scores.elements, max(scores.width, extras[role].width))
@@ -294,6 +307,7 @@ class _Walk:
             ledger.drop(probs.tid)
             probs = cast
         context = new(b * heads * q * dim, width)  # probs @ v
+        self.scratch(q, k, dim, batch=b * heads)
         out = new(b * q * heads * dim, width)  # heads merged back: a contiguous copy
         ledger.drop(context.tid)
         release(copies, ledger)

@@ -47,6 +47,19 @@ CASES = [
     ({**LLAMA, "model_type": "mistral", "sliding_window": 32}, Inference(batch=2, context=20, new_tokens=16), None),
     ({**LLAMA, "model_type": "mistral", "sliding_window": 32},
      Inference(batch=2, context=48, new_tokens=4, attention="eager"), None),
+    # half precision on a CPU: oneDNN's matmul scratchpad (bf16 on AMX, fp16 through fp32 buffers) and, in bf16,
+    # the fused attention's packed keys and values, alive while each call runs
+    (GPT2, Inference(batch=2, context=100, new_tokens=3, dtype="fp16"), None),
+    (GPT2, Inference(batch=1, context=40, new_tokens=4, attention="eager", dtype="fp16"), None),
+    (GPT2, Inference(batch=2, context=100, new_tokens=3, dtype="bf16"), None),
+    (BLOOM, Inference(batch=2, context=100, new_tokens=3, dtype="bf16"), None),
+    (BLOOM, Inference(batch=2, context=48, new_tokens=3, dtype="fp16"), None),
+    (LLAMA, Inference(batch=2, context=100, new_tokens=3, dtype="bf16"), None),
+    (LLAMA, Inference(batch=1, context=40, new_tokens=4, attention="eager", dtype="bf16"), None),
+    (LLAMA, Inference(batch=2, context=100, new_tokens=3, dtype="fp16"), None),
+    ({**LLAMA, "model_type": "mistral"}, Inference(batch=2, context=48, new_tokens=3, dtype="bf16"), None),
+    ({**LLAMA, "model_type": "mistral"}, Inference(batch=2, context=48, new_tokens=3, attention="eager",
+                                                  dtype="bf16"), None),
 ]
 
 
@@ -217,3 +230,21 @@ def test_sliding_window_layers_keep_a_window():
     # Qwen2's released configs say use_sliding_window false: every layer full
     plain = paramcalc.count({**LLAMA, "model_type": "qwen2", "sliding_window": 32}, task="causal-lm", formulas=False)
     assert infer(plain, Inference(batch=1, context=20, new_tokens=16)).kv_cache == 2 * 2 * 35 * 2 * 16 * 4
+
+
+def test_half_precision_scratch_rules_match_measured_bytes():
+    """oneDNN's matmul scratchpad and the fused attention's bf16 packs, as measured with allocator events (torch
+    2.13, 2 threads, an AMX / AVX512-FP16 Xeon): exact where the rule is, nothing for fp32 or tiny products."""
+    from paramcalc.inference_generate import flash_packs, matmul_scratch
+
+    assert matmul_scratch(2, 64, 64, "bf16", 2) == 14_336  # measured 13,952 (the 2nd thread's buffer shares 384 B)
+    assert matmul_scratch(400, 256, 64, "bf16", 2) == 75_776  # measured 75,392
+    assert matmul_scratch(2, 64, 64, "fp16", 2) == 36_608
+    assert matmul_scratch(400, 64, 64, "fp16", 2) == 239_360
+    assert matmul_scratch(200, 16, 201, "fp16", 2, batch=8) == 137_984
+    assert matmul_scratch(1, 768, 768, "fp16", 2, gemv=True) == 0  # torch's own fp16 gemv
+    assert matmul_scratch(2, 64, 32, "bf16", 2) == 0  # 2 x 64 x 32 = 16^3: not handed to oneDNN
+    assert matmul_scratch(400, 64, 64, "fp32", 2) == 0
+    assert flash_packs(2, 2, 200, 200, 16, "bf16", 2) == [25_600, 25_600, 12_800]
+    assert flash_packs(1, 2, 1000, 1000, 16, "bf16", 2) == [64_000, 64_000, 32_768]
+    assert flash_packs(2, 2, 63, 63, 16, "bf16", 2) == [] and flash_packs(2, 2, 200, 200, 16, "fp16", 2) == []

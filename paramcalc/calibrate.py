@@ -136,7 +136,7 @@ def calibrate(name: str | None = None, device: str = "cpu", size: int | None = N
             "fp32": rates["fp32"], "half": rates[half], "half_dtype": half, **{h: rates[h] for h in halves},
             "bandwidth": bandwidth, "memory": _memory(torch, device),
             # sizes cuBLAS's workspaces in the memory plan (devices.cublas_workspaces)
-            **({"capability": "%d.%d" % torch.cuda.get_device_capability()} if device == "cuda" else {}),
+            **({"capability": _capability(torch)} if device == "cuda" else {}),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "size": size,
             "copy_bytes": copy_bytes, "when": datetime.now().astimezone().isoformat(timespec="seconds"),
             # the per-op time model's inputs (new in profiles from this version; plan.py needs none of them)
@@ -172,6 +172,11 @@ def save_profile(profile: dict) -> Path:
     except OSError as exc:
         raise ParamcalcError(f"cannot save the profile to {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _capability(torch) -> str:
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return f"{properties.major}.{properties.minor}"
 
 
 def _memory(torch, device: str) -> int | None:

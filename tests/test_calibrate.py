@@ -339,7 +339,7 @@ def mocked_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA Mock GPU 16GB")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *args: SimpleNamespace(total_memory=16 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *args: SimpleNamespace(total_memory=16 * 10**9, major=8, minor=6))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: synchronized.append(1))
     monkeypatch.setitem(paramcalc.calibrate_ops.TENSOR_DEVICE, "cuda", "cpu")
     return synchronized
@@ -351,6 +351,7 @@ def test_the_cuda_branch_with_a_mocked_gpu(cli, profiles, mocked_gpu):
     measured = json.loads(result.stdout)
     assert measured["name"] == "nvidia-mock-gpu-16gb" and measured["kind"] == "cuda"
     assert measured["device"] == "NVIDIA Mock GPU 16GB" and measured["memory"] == 16 * 10**9
+    assert measured["capability"] == "8.6"  # sizes cuBLAS's workspaces in the plan
     check_per_op_keys(measured, ["fp32", "fp16", "bf16"])
     assert measured["half_dtype"] in ("fp16", "bf16") and positive(measured["fp16"]) and positive(measured["bf16"])
     assert "torch.cuda.synchronize" in measured["how"]["method"] and len(mocked_gpu) > 100  # around every sample
@@ -362,6 +363,7 @@ def test_the_cuda_branch_with_a_mocked_gpu(cli, profiles, mocked_gpu):
     assert json.loads((profiles / "nvidia-mock-gpu-16gb.json").read_text())["gemm"] == measured["gemm"]
     doc = json.loads(cli(*STEP, "--device", "nvidia-mock-gpu-16gb").stdout)
     assert doc["device"]["memory"] == 16 * 10**9 and positive(doc["throughput"]["tokens_per_s"])
+    assert doc["memory"]["cublas_workspaces"] == 2 * (2 * 4096 + 8 * 16) * 1024  # torch's default below Hopper
     table = cli("calibrate", "--device", "cuda", "--quick", "--name", "lab-gpu")
     assert table.exit_code == 0 and "fp16 matmul" in table.stdout and "bf16 matmul" in table.stdout
 

@@ -163,7 +163,7 @@ def main(argv: list[str]) -> None:
     quick, use_saved, resume = "--quick" in argv, "--saved" in argv, "--resume" in argv
     only = argv[argv.index("--only") + 1] if "--only" in argv else None
     if use_saved:
-        from paramcalc.plan import _load_calibration
+        from paramcalc.devices import _load_calibration
 
         saved = _load_calibration("cpu")
         if saved is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import calibrate_ops as ops
 from . import calibrate_step as step
 from .errors import ParamcalcError
-from .plan import DEVICES, calibration_dir
+from .devices import DEVICES, calibration_dir
 
 KINDS = ("cpu", "cuda")
 MIN_SIZE = 64

@@ -175,7 +175,7 @@ def _dtype(result, inference: Inference) -> str:
 def infer(result, inference: Inference, device: str | None = None, device_mem: str | None = None) -> InferencePlan:
     """Weights, KV cache and the prefill / decode peaks of ``generate`` for ``result``'s model on a device."""
     from .memory import DTYPE_BYTES, buffer_bytes, model_states
-    from .plan import CUDA_OVERHEAD, profile
+    from .devices import CUDA_OVERHEAD, profile
     from .step import Step, check_fits_model, resolve_attention
 
     family = supported(result)
@@ -285,7 +285,7 @@ def _search(fits, limit: int) -> tuple[int, list[int]]:
 
 
 def _fit(result, inference: Inference, device, device_mem, what: str, limit: int) -> InferencePlan:
-    from .plan import profile
+    from .devices import profile
     from .step import Step
 
     memory = profile(device, Step(dtype=inference.dtype), device_mem).memory

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .devices import (CUDA_OVERHEAD, DATASHEET_UTILISATION, DEVICES, Profile, _load_calibration,  # noqa: F401
-                      calibration_dir, cublas_workspaces, parse_bytes, profile)
+from .devices import CUDA_OVERHEAD, Profile, cublas_workspaces, profile
+from .devices import DEVICES, calibration_dir  # noqa: F401 - where the notebooks and users have found them
 from .errors import ParamcalcError
 from .step import Step
 

@@ -183,7 +183,7 @@ def _plan_device(options: TrainOptions) -> tuple[str, str | None]:
     import torch
 
     from .calibrate import default_name
-    from .plan import calibration_dir
+    from .devices import calibration_dir
 
     index = int(options.device.partition(":")[2] or 0)
     with torch.cuda.device(index):
@@ -191,8 +191,8 @@ def _plan_device(options: TrainOptions) -> tuple[str, str | None]:
         total = torch.cuda.get_device_properties(index).total_memory
     if (calibration_dir() / f"{name}.json").is_file():
         return name, options.device_mem
-    known = {"h100": "h100-80gb", "h200": "h100-80gb", "a100": "a100-80gb" if total > 50 * 2**30 else "a100-40gb", "l4": "l4",
-             "a10": "a10g", "t4": "t4"}
+    known = {"h100": "h100-80gb", "h200": "h100-80gb", "a100": "a100-80gb" if total > 50 * 2**30 else "a100-40gb",
+             "l4": "l4", "a10": "a10g", "t4": "t4"}
     profile = next((v for k, v in known.items() if k in name), "a100-80gb")
     return profile, options.device_mem or f"{total}B"
 

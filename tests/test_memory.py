@@ -10,7 +10,8 @@ import pytest
 
 import paramcalc
 from paramcalc.activations import simulate
-from paramcalc.plan import DEVICES, Parallel, fit_batch, plan
+from paramcalc.devices import DEVICES
+from paramcalc.plan import Parallel, fit_batch, plan
 from paramcalc.step import Step
 from paramcalc.trace import trace_step
 

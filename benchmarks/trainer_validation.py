@@ -68,39 +68,41 @@ def describe(method, quant, step: Step) -> str:
     return " ".join(parts)
 
 
-def run_case(case, device: str) -> dict:
-    model, task, method, quant, batch, seq, extra, *overrides = case
-    overrides = overrides[0] if overrides else {}
-    result = paramcalc.count(model, task=task, peft=method, quant=quant, overrides=overrides, formulas=False)
-    step = Step(batch=batch, seq=seq, **extra)
-    started = time.perf_counter()
-    report = train(result, step, TrainOptions(steps=4, warmup=1, device=device))
-    document = report.to_dict()
-    document["wall_s"] = time.perf_counter() - started
-    document["label"] = describe(method, quant, step)
-    document["case"] = case_dict(case)
-    if overrides:
-        document["model"] += " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
-    return document
-
-
 def case_dict(case) -> dict:
     model, task, method, quant, batch, seq, extra, *overrides = case
     return {"model": model, "task": task, "method": method, "quant": quant, "batch": batch, "seq": seq,
             "step": extra, "overrides": overrides[0] if overrides else {}}
 
 
+def counted(case: dict):
+    """The case's counted model and its step (what the trainer runs and the predictor plans)."""
+    result = paramcalc.count(case["model"], task=case["task"], peft=case["method"], quant=case["quant"],
+                             overrides=case["overrides"], formulas=False)
+    return result, Step(batch=case["batch"], seq=case["seq"], **case["step"])
+
+
+def run_case(case, device: str) -> dict:
+    case = case_dict(case)
+    result, step = counted(case)
+    started = time.perf_counter()
+    report = train(result, step, TrainOptions(steps=4, warmup=1, device=device))
+    document = report.to_dict()
+    document["wall_s"] = time.perf_counter() - started
+    document["label"] = describe(case["method"], case["quant"], step)
+    document["case"] = case
+    if case["overrides"]:
+        document["model"] += " (" + ", ".join(f"{k}={v}" for k, v in case["overrides"].items()) + ")"
+    return document
+
+
 def replan(document: dict, profile: str) -> dict:
     """A measured row judged again by today's predictor, with no GPU: the same model, method and step planned
     on ``profile`` (a datasheet GPU, or a saved profile) with the measured device's memory."""
-    from paramcalc.train import TrainOptions, TrainReport, predict
+    from paramcalc.train import TrainReport, predict
 
-    case = document["case"]
-    result = paramcalc.count(case["model"], task=case["task"], peft=case["method"], quant=case["quant"],
-                             overrides=case["overrides"], formulas=False)
+    result, step = counted(document["case"])
     options = TrainOptions(device="cuda", device_mem=f"{document['device']['memory']}B")
-    predicted, notes = predict(result, Step(batch=case["batch"], seq=case["seq"], **case["step"]), options,
-                               profile=profile)
+    predicted, _ = predict(result, step, options, profile=profile)
     report = TrainReport(document["model"], document["family"], document["task"], document["options"],
                          document["device"], predicted, document["measured"])
     return {**document, "predicted": predicted, "error": report.errors(), "verdict": report.verdict(),
